@@ -1,0 +1,219 @@
+"""Typed run configuration: one dataclass per concern, composed into :class:`RunConfig`.
+
+Nothing here imports torch.distributed or megatron; ``models/provider.py`` is the single place that
+translates these into megatron-core's ``TransformerConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class ModelConfig:
+    """A Llama / Qwen2 / Qwen3-family decoder, with Hugging Face field names where they exist."""
+
+    vocab_size: int = 1024
+    """True (unpadded) vocabulary size; megatron pads it to a multiple of
+    ``make_vocab_size_divisible_by * tensor_model_parallel_size``."""
+    hidden_size: int = 64
+    """Model width."""
+    num_hidden_layers: int = 2
+    """Number of transformer layers."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_key_value_heads: Optional[int] = None
+    """Key/value heads (query groups, GQA); None means equal to num_attention_heads (MHA)."""
+    head_dim: Optional[int] = None
+    """Per-head width; None means hidden_size // num_attention_heads (Qwen3 sets it explicitly)."""
+    intermediate_size: int = 128
+    """SwiGLU hidden width (per gate/up branch)."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    qk_layernorm: bool = False
+    """Per-head RMSNorm on queries and keys (Qwen3)."""
+    attention_bias: bool = False
+    """Bias on the fused QKV projection (Qwen2 / Qwen2.5)."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding and the LM head."""
+    max_position_embeddings: int = 512
+    """Longest sequence (prompt + response) the model is built for."""
+    make_vocab_size_divisible_by: int = 128
+    """Padding granularity of the vocabulary, per tensor-parallel rank (megatron's convention)."""
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            _check(
+                self.hidden_size % self.num_attention_heads == 0,
+                f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.num_attention_heads ({self.num_attention_heads}) unless head_dim is set",
+            )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "make_vocab_size_divisible_by"):
+            _check(getattr(self, name) > 0, f"model.{name} must be > 0, got {getattr(self, name)!r}")
+        _check(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+            f"model.num_key_value_heads ({self.num_key_value_heads})",
+        )
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
+        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclass
+class ParallelConfig:
+    """How one model is split; data parallelism takes the rest of the world."""
+
+    tensor_model_parallel_size: int = 1
+    """TP: attention heads, MLP columns and the vocabulary are split over this many ranks."""
+    pipeline_model_parallel_size: int = 1
+    """PP: layers are split into this many stages, run with megatron-core's 1F1B schedule."""
+    sequence_parallel: bool = False
+    """Shard activations along the sequence in the TP regions (needs TP > 1)."""
+    use_distributed_optimizer: bool = False
+    """megatron's ZeRO-1 optimizer (CUDA only: its buffers are CUDA throughout)."""
+
+    def __post_init__(self):
+        _check(self.tensor_model_parallel_size >= 1,
+               f"parallel.tensor_model_parallel_size must be >= 1, got {self.tensor_model_parallel_size}")
+        _check(self.pipeline_model_parallel_size >= 1,
+               f"parallel.pipeline_model_parallel_size must be >= 1, got {self.pipeline_model_parallel_size}")
+        _check(not (self.sequence_parallel and self.tensor_model_parallel_size == 1),
+               "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
+
+    def check_model(self, model: ModelConfig, role: str) -> None:
+        """Divisibility rules megatron asserts deep inside; checked here to name the field."""
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            _check(getattr(model, name) % tp == 0,
+                   f"{role}.{name} ({getattr(model, name)}) must be divisible by "
+                   f"parallel.tensor_model_parallel_size ({tp})")
+        _check(model.num_hidden_layers % pp == 0,
+               f"{role}.num_hidden_layers ({model.num_hidden_layers}) must be divisible by "
+               f"parallel.pipeline_model_parallel_size ({pp})")
+
+
+@dataclass
+class PrecisionConfig:
+    """Numerics of the transformer layers; log-probs and losses are always float32."""
+
+    params_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights and activations (bf16 keeps fp32 main weights in the optimizer)."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Layer spec: Transformer Engine when TE and CUDA are present ('auto'), or megatron's local layers."""
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    """FP8 GEMMs through Transformer Engine (None: off)."""
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    """Transformer Engine scaling recipe."""
+    fp8_amax_history_len: int = 1024
+    """Delayed scaling: amax history length."""
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    """Delayed scaling: how the scale is chosen from the history."""
+
+    def __post_init__(self):
+        _check(not (self.fp8 and self.transformer_impl == "local"),
+               "precision.fp8 needs precision.transformer_impl 'transformer_engine' or 'auto'")
+        _check(self.fp8_amax_history_len >= 1,
+               f"precision.fp8_amax_history_len must be >= 1, got {self.fp8_amax_history_len}")
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher: its own architecture (same vocabulary) and numerics."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(hidden_size=96, num_hidden_layers=3))
+    """Teacher architecture; vocab_size and make_vocab_size_divisible_by must match the student's."""
+    precision: Optional[PrecisionConfig] = None
+    """None: the student's precision (an FP8 teacher with a BF16 student is allowed)."""
+    checkpoint: Optional[str] = None
+    """Megatron dist-checkpoint directory with the teacher's weights (None: random init, tests only)."""
+    offload: bool = False
+    """Keep teacher weights in CPU memory between scoring phases (GPU only)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW on the student through megatron's optimizer (fp32 main weights under bf16)."""
+
+    lr: float = 1e-6
+    """Peak learning rate (GNDPO reference: 1e-6)."""
+    min_lr: float = 0.0
+    """Floor of the decay schedule."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Schedule after warm-up (reference: constant)."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up, in optimizer steps."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (reference: 0.01)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (reference: 1.0); 0 disables."""
+
+    def __post_init__(self):
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
+        _check(self.lr_warmup_steps >= 0, f"optim.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        _check(self.clip_grad >= 0, f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; cross-section checks live in ``__post_init__``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The student architecture."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """The frozen teacher."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP / PP layout (shared by student and teacher)."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Student numerics (and the teacher's unless it sets its own)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Student optimizer and LR schedule."""
+    seed: int = 1234
+    """Seeds weights init, sampling and data order."""
+
+    def __post_init__(self):
+        if self.teacher.precision is None:
+            self.teacher.precision = self.precision
+        for role, model in (("model", self.model), ("teacher.model", self.teacher.model)):
+            self.parallel.check_model(model, role)
+        check_same_vocabulary(self.model, self.teacher.model, self.parallel.tensor_model_parallel_size)
+
+
+def check_same_vocabulary(student: ModelConfig, teacher: ModelConfig, tensor_model_parallel_size: int) -> None:
+    """Teacher and student must index the same vocabulary, padded rows included: the log-ratio
+    compares log pi_T(y) and log pi_S(y) for the same token id y on the same vocab shard."""
+    if student.vocab_size != teacher.vocab_size:
+        raise ValueError(
+            f"teacher vocabulary ({teacher.vocab_size} tokens) differs from the student's "
+            f"({student.vocab_size} tokens): on-policy distillation scores the student's token ids with "
+            "the teacher, so both must use the same tokenizer"
+        )
+    ps, pt = (m.padded_vocab_size(tensor_model_parallel_size) for m in (student, teacher))
+    if ps != pt:
+        raise ValueError(
+            f"teacher padded vocabulary ({pt}) differs from the student's ({ps}) at "
+            f"tensor_model_parallel_size={tensor_model_parallel_size}: set the same "
+            "make_vocab_size_divisible_by for both (teacher.model.make_vocab_size_divisible_by="
+            f"{teacher.make_vocab_size_divisible_by}, model.make_vocab_size_divisible_by="
+            f"{student.make_vocab_size_divisible_by})"
+        )
