@@ -15,7 +15,7 @@ def pytest_collection_modifyitems(config, items):
 
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; the CPU logic is covered by tests/unit and tests/dist")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; the CPU logic is covered by tests/unit and tests/distributed")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

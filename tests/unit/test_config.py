@@ -1,0 +1,42 @@
+import pathlib
+
+import pytest
+
+from megatron_gndpo.config import ModelConfig, ParallelConfig, RunConfig, TeacherConfig, load_config
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples" / "configs"
+
+
+def test_demo_config_loads_with_defaults_and_overrides():
+    cfg = load_config(EXAMPLES / "demo.yaml", ["parallel.tensor_model_parallel_size=1", "optim.lr=0.5"])
+    assert cfg.parallel.tensor_model_parallel_size == 1
+    assert cfg.optim.lr == 0.5 and cfg.optim.weight_decay == 0.01  # from base.yaml
+    assert cfg.teacher.model.hidden_size == 128
+    assert cfg.teacher.precision == cfg.precision
+    assert cfg.model.num_key_value_heads == 2 and cfg.model.head_dim == 16
+
+
+def test_unknown_keys_and_bad_values_name_their_path():
+    with pytest.raises(ValueError, match="unknown config key model.hiden_size"):
+        load_config(EXAMPLES / "demo.yaml", ["model.hiden_size=3"])
+    with pytest.raises(ValueError, match="precision.transformer_impl must be one of"):
+        load_config(None, ["precision.transformer_impl=te"])
+    with pytest.raises(ValueError, match="model.num_attention_heads .4. must be divisible by parallel.tensor_model_parallel_size .8."):
+        load_config(None, ["parallel.tensor_model_parallel_size=8", "model.intermediate_size=64"])
+    with pytest.raises(ValueError, match="dotted.key=value"):
+        load_config(None, ["model.hidden_size"])
+
+
+def test_teacher_with_another_vocabulary_is_refused():
+    with pytest.raises(ValueError, match=r"teacher vocabulary \(1001 tokens\) differs from the student's \(1000 tokens\)"):
+        RunConfig(model=ModelConfig(vocab_size=1000), teacher=TeacherConfig(model=ModelConfig(vocab_size=1001)))
+    # same true size, different padding: 1000 pads to 1024 vs 1000 -> refused naming both settings
+    with pytest.raises(ValueError, match="teacher padded vocabulary .1000. differs from the student's .1024."):
+        RunConfig(model=ModelConfig(vocab_size=1000),
+                  teacher=TeacherConfig(model=ModelConfig(vocab_size=1000, make_vocab_size_divisible_by=8)),
+                  parallel=ParallelConfig())
+
+
+def test_padded_vocab_follows_megatron():
+    m = ModelConfig(vocab_size=151936, make_vocab_size_divisible_by=128)
+    assert m.padded_vocab_size(1) == 151936 and m.padded_vocab_size(8) == 152576
