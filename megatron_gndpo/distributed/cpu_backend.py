@@ -202,7 +202,10 @@ def apply() -> bool:
         return True
     proxy = _CpuTorch()
     for name in _PATCHED_MODULES:
-        module = importlib.import_module(name)
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError:  # moved or gone in a newer megatron-core: nothing there to patch
+            continue
         if getattr(module, "torch", None) is torch:
             module.torch = proxy
 

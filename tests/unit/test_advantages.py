@@ -160,3 +160,11 @@ def test_sampled_divergences():
     torch.testing.assert_close(losses.k2(s, t), 0.5 * (s - t) ** 2)
     torch.testing.assert_close(losses.k3(s, t), torch.exp(t - s) - 1 - (t - s))
     assert (losses.k3(s, t) >= 0).all()
+
+
+def test_outcome_combination_and_divergence_loss_term():
+    d, o = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 0.5]])
+    torch.testing.assert_close(adv.with_outcome_advantage(d, o, 0.1), o + 0.1 * d)
+    mask = torch.tensor([[True, False]])
+    torch.testing.assert_close(losses.divergence_loss(torch.tensor([[3.0, 9.0]]), mask, weight=0.5, normalizer=1.0),
+                               torch.tensor(1.5))
