@@ -8,14 +8,14 @@ bookkeeping, and is the bridge the HF converter and the rollout weight sync buil
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Mapping, Tuple
+from typing import Dict, Iterator, Mapping, Set, Tuple
 
 import torch
 import torch.distributed as dist
 
 
-def _local_pieces(model) -> Iterator[Tuple[str, tuple, torch.Tensor, bool]]:
-    """(global key, index into the global tensor, local tensor view, is main replica)."""
+def _local_pieces(model) -> Iterator[Tuple[str, tuple, tuple, torch.Tensor, bool]]:
+    """(global key, global shape, index into the global tensor, local tensor view, is main replica)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     for item in model.sharded_state_dict().values():
@@ -36,8 +36,9 @@ def _local_pieces(model) -> Iterator[Tuple[str, tuple, torch.Tensor, bool]]:
 
 
 @torch.no_grad()
-def load_global_weights(model, weights: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
-    """Copy this rank's slices of ``weights`` (global key -> full tensor) into ``model``."""
+def load_global_weights(model, weights: Mapping[str, torch.Tensor], *, strict: bool = True) -> Set[str]:
+    """Copy this rank's slices of ``weights`` (global key -> full tensor) into ``model``; returns the
+    keys used. ``strict``: a weight the model needs but ``weights`` lacks is an error naming it."""
     seen = set()
     for key, shape, index, local, _ in _local_pieces(model):
         if key not in weights:
@@ -67,14 +68,13 @@ def gather_global_weights(model, group: dist.ProcessGroup | None = None) -> Dict
         dist.all_gather_object(gathered, shapes, group=group)
         for other in gathered:
             shapes.update(other)
+    device = pieces[0][3].device if pieces else torch.device("cpu")
     dtype = pieces[0][3].dtype if pieces else torch.float32
-    out = {key: torch.zeros(shape, dtype=dtype) for key, shape in sorted(shapes.items())}
+    out = {key: torch.zeros(shape, dtype=dtype, device=device) for key, shape in sorted(shapes.items())}
     for key, _, index, local, main in pieces:
         if main:
-            out[key][index] = local.detach().to("cpu", out[key].dtype)
-    if dist.is_initialized():
-        for key in out:
-            t = out[key].to(pieces[0][3].device) if pieces else out[key]
+            out[key][index] = local.detach()
+    for t in out.values():
+        if dist.is_initialized():
             dist.all_reduce(t, group=group)
-            out[key] = t.cpu()
-    return out
+    return {key: t.cpu() for key, t in out.items()}

@@ -67,6 +67,28 @@ class _Math:
         return idx, on_shard
 
 
+    @staticmethod
+    def target_logprobs(x: torch.Tensor, target: torch.Tensor, start: int, group):
+        """log softmax(x)[target] for float32 chunk x ``[n, V_local]`` and targets ``[n, K]``:
+        1 MAX all-reduce of the row max, then ONE SUM all-reduce of ``[sum exp, picked logits]``.
+        Returns (log-probs ``[n, K]``, log-normaliser ``[n]``)."""
+        idx, on = _Math.local_index(target, start, x.shape[-1])
+        m = _all_reduce(x.max(dim=-1).values, dist.ReduceOp.MAX, group)
+        picked = torch.where(on, torch.gather(x, 1, idx) - m[:, None], torch.zeros((), device=x.device))
+        stats = _all_reduce(torch.cat([torch.exp(x - m[:, None]).sum(-1, keepdim=True), picked], 1),
+                            dist.ReduceOp.SUM, group)
+        log_z = stats[:, 0].log()
+        return stats[:, 1:] - log_z[:, None], m + log_z
+
+    @staticmethod
+    def target_logprobs_grad(x, lse, target, g, start: int, temperature: float) -> torch.Tensor:
+        """d(sum_k g_k lp_k)/d logits = (scatter(g) - p sum_k g_k) / T, shard-local (no communication)."""
+        gx = -torch.exp(x - lse[:, None]) * g.sum(-1, keepdim=True)
+        idx, on = _Math.local_index(target, start, x.shape[-1])
+        gx.scatter_add_(1, idx, torch.where(on, g, torch.zeros((), device=g.device)))
+        return gx / temperature if temperature != 1.0 else gx
+
+
 def _rows(t: torch.Tensor, last: int) -> torch.Tensor:
     return t.reshape(-1, last)
 
@@ -81,7 +103,7 @@ class _VocabParallelGatherLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, group, temperature, vocab_size, chunk):
-        world, rank = _world(group)
+        _, rank = _world(group)
         v_local = logits.shape[-1]
         start = rank * v_local
         x2 = _rows(logits, v_local)
@@ -90,14 +112,7 @@ class _VocabParallelGatherLogProbs(torch.autograd.Function):
         lse = torch.empty(x2.shape[0], dtype=torch.float32, device=logits.device)
         for i in range(0, x2.shape[0], chunk):
             x = _Math.scaled(x2[i:i + chunk], temperature, start, vocab_size)
-            idx, on = _Math.local_index(t2[i:i + chunk], start, v_local)
-            m = _all_reduce(x.max(dim=-1).values, dist.ReduceOp.MAX, group)
-            picked = torch.where(on, torch.gather(x, 1, idx) - m[:, None], torch.zeros((), device=x.device))
-            stats = torch.cat([torch.exp(x - m[:, None]).sum(-1, keepdim=True), picked], dim=1)
-            stats = _all_reduce(stats, dist.ReduceOp.SUM, group)
-            log_z = stats[:, 0].log()
-            out[i:i + chunk] = stats[:, 1:] - log_z[:, None]
-            lse[i:i + chunk] = m + log_z
+            out[i:i + chunk], lse[i:i + chunk] = _Math.target_logprobs(x, t2[i:i + chunk], start, group)
         ctx.save_for_backward(logits, target, lse)
         ctx.cfg = (group, temperature, vocab_size, chunk, start)
         return out.reshape(target.shape)
@@ -113,12 +128,7 @@ class _VocabParallelGatherLogProbs(torch.autograd.Function):
         grad = torch.empty_like(x2)
         for i in range(0, x2.shape[0], chunk):
             x = _Math.scaled(x2[i:i + chunk], temperature, start, vocab_size)
-            g = g2[i:i + chunk]
-            gx = -torch.exp(x - lse[i:i + chunk, None]) * g.sum(-1, keepdim=True)
-            idx, on = _Math.local_index(t2[i:i + chunk], start, v_local)
-            gx.scatter_add_(1, idx, torch.where(on, g, torch.zeros((), device=g.device)))
-            if temperature != 1.0:
-                gx = gx / temperature
+            gx = _Math.target_logprobs_grad(x, lse[i:i + chunk], t2[i:i + chunk], g2[i:i + chunk], start, temperature)
             grad[i:i + chunk] = gx.to(grad.dtype)
         return grad.reshape(logits.shape), None, None, None, None, None
 
@@ -398,17 +408,11 @@ class _FusedLinearLogProbs(torch.autograd.Function):
         t2 = target.reshape(-1, 1)
         out = torch.empty(h2.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
+        w = weight.float()
         for i in range(0, h2.shape[0], chunk):
-            logits = h2[i:i + chunk].float() @ weight.float().t()
-            x = _Math.scaled(logits, temperature, start, vocab_size)
-            m = _all_reduce(x.max(-1).values, dist.ReduceOp.MAX, group)
-            idx, on = _Math.local_index(t2[i:i + chunk], start, weight.shape[0])
-            picked = torch.where(on, torch.gather(x, 1, idx) - m[:, None], torch.zeros((), device=x.device))
-            stats = _all_reduce(torch.cat([torch.exp(x - m[:, None]).sum(-1, keepdim=True), picked], 1),
-                                dist.ReduceOp.SUM, group)
-            log_z = stats[:, 0].log()
-            out[i:i + chunk] = stats[:, 1] - log_z
-            lse[i:i + chunk] = m + log_z
+            x = _Math.scaled(h2[i:i + chunk].float() @ w.t(), temperature, start, vocab_size)
+            lp, lse[i:i + chunk] = _Math.target_logprobs(x, t2[i:i + chunk], start, group)
+            out[i:i + chunk] = lp[:, 0]
         ctx.save_for_backward(hidden, weight, target, lse)
         ctx.cfg = (group, temperature, vocab_size, chunk, start)
         return out.reshape(target.shape)
@@ -426,11 +430,7 @@ class _FusedLinearLogProbs(torch.autograd.Function):
         for i in range(0, h2.shape[0], chunk):
             hc = h2[i:i + chunk].float()
             x = _Math.scaled(hc @ w.t(), temperature, start, vocab_size)
-            gx = -torch.exp(x - lse[i:i + chunk, None]) * g2[i:i + chunk]
-            idx, on = _Math.local_index(t2[i:i + chunk], start, weight.shape[0])
-            gx.scatter_add_(1, idx, torch.where(on, g2[i:i + chunk], torch.zeros((), device=gx.device)))
-            if temperature != 1.0:
-                gx = gx / temperature
+            gx = _Math.target_logprobs_grad(x, lse[i:i + chunk], t2[i:i + chunk], g2[i:i + chunk], start, temperature)
             grad_h[i:i + chunk] = gx @ w
             grad_w.addmm_(gx.t(), hc)
         _all_reduce(grad_h, dist.ReduceOp.SUM, group)
