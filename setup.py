@@ -31,5 +31,4 @@ setup(
         "math": ["math-verify>=0.7"],
         "dev": ["pytest>=8", "matplotlib>=3.8"],
     },
-    entry_points={"console_scripts": ["megatron-gndpo=megatron_gndpo.cli:main"]},
 )
