@@ -1,3 +1,3 @@
-from megatron_gndpo.distributed.init import ProcessGroups, destroy_parallel, device, init_parallel, is_rank0
+from megatron_gndpo.distributed.init import ProcessGroups, destroy_parallel, init_parallel, is_rank0
 
-__all__ = ["ProcessGroups", "destroy_parallel", "device", "init_parallel", "is_rank0"]
+__all__ = ["ProcessGroups", "destroy_parallel", "init_parallel", "is_rank0"]

@@ -75,10 +75,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def init_parallel(
     parallel: ParallelConfig,
     *,

@@ -22,19 +22,3 @@ def build_teacher(teacher: TeacherConfig, parallel: ParallelConfig, *, pre_proce
     )
     return freeze(model)
 
-
-def offload(model: torch.nn.Module) -> None:
-    """Move the teacher's weights to pinned host memory between scoring phases (no-op on CPU)."""
-    if not torch.cuda.is_available():
-        return
-    for p in model.parameters():
-        p.data = p.data.to("cpu", non_blocking=True).pin_memory()
-    torch.cuda.synchronize()
-
-
-def onload(model: torch.nn.Module) -> None:
-    if not torch.cuda.is_available():
-        return
-    device = torch.cuda.current_device()
-    for p in model.parameters():
-        p.data = p.data.to(device, non_blocking=True)
