@@ -1,7 +1,9 @@
 """Run a function in N real gloo processes with a TP x PP layout and collect what each returns.
 
 Children are spawned (not forked: megatron and gloo keep global state) with a free port and a
-deadline, so a desynchronised collective fails the test instead of hanging CI.
+deadline, so a desynchronised collective fails the test instead of hanging CI. They are not daemonic:
+megatron's checkpoint writer starts a multiprocessing Manager, which daemonic processes may not do;
+the harness kills whatever is still alive when it returns.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def run_distributed(
     results = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, fn, tp, pp, seed, tuple(args), results), daemon=True)
+        ctx.Process(target=_worker, args=(rank, world_size, port, fn, tp, pp, seed, tuple(args), results), daemon=False)
         for rank in range(world_size)
     ]
     for p in procs:

@@ -7,7 +7,7 @@ translates these into megatron-core's ``TransformerConfig``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -175,6 +175,115 @@ class OptimConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """How the student samples responses (vLLM's parameter names)."""
+
+    engine: Literal["megatron", "vllm"] = "megatron"
+    """'megatron': the embedded KV-cached sampler on the training weights (any TP x PP); 'vllm': GPU only."""
+    n_samples: int = 16
+    """Responses per prompt (reference: 16)."""
+    temperature: float = 1.0
+    """Sampling temperature; teacher and student log-probs are taken at the same temperature (reference: 1.0)."""
+    top_p: float = 1.0
+    """Nucleus sampling (1: off)."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
+    max_new_tokens: int = 256
+    """Longest response."""
+
+    def __post_init__(self):
+        _check(self.n_samples >= 1, f"rollout.n_samples must be >= 1, got {self.n_samples}")
+        _check(self.temperature > 0, f"rollout.temperature must be > 0 for training rollouts, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= 0, f"rollout.top_k must be >= 0, got {self.top_k}")
+        _check(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class AlgorithmConfig:
+    """Which advantage estimator and policy loss a step uses (names from the registries)."""
+
+    estimator: str = "gndpo"
+    """Advantage estimator: gndpo, opd, grpo, vopd, gopd, uniopd (``algorithms/advantages.py``)."""
+    estimator_kwargs: Dict[str, Any] = field(default_factory=lambda: {"score_clip": 5.0})
+    """Keyword arguments of the estimator (reference: score_clip 5)."""
+    policy_loss: str = "gspo"
+    """Policy loss: ppo or gspo (reference: gspo)."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "seq-mean-token-mean"
+    """How per-token losses are averaged; the normaliser is global to the step."""
+    clip_low: float = 0.2
+    """Lower ratio clip."""
+    clip_high: float = 0.2
+    """Upper ratio clip."""
+
+
+@dataclass
+class DataConfig:
+    """Prompts in the verl parquet schema and the reward that grades responses."""
+
+    train_files: List[str] = field(default_factory=list)
+    """Parquet files with the training prompts."""
+    val_files: List[str] = field(default_factory=list)
+    """Parquet files with held-out prompts (greedy validation)."""
+    tokenizer: Optional[str] = None
+    """Hugging Face tokenizer directory (tokenizer.json / tokenizer_config.json with a chat template)."""
+    max_prompt_length: int = 512
+    """Longer prompts are an error naming the row."""
+    reward: str = "exact_match"
+    """Reward function from ``rewards.REWARDS``: exact_match, geo3k."""
+    shuffle: bool = True
+    """Reshuffle the prompts every epoch (seeded)."""
+    images: Literal["error", "ignore"] = "error"
+    """Rows with images: the student is text-only, so refuse them, or drop the images."""
+
+    def __post_init__(self):
+        if isinstance(self.train_files, str):
+            self.train_files = [self.train_files]
+        if isinstance(self.val_files, str):
+            self.val_files = [self.val_files]
+
+
+@dataclass
+class TrainerConfig:
+    """Batch shape, schedule, checkpoints and logging of a run."""
+
+    steps: int = 100
+    """Rollout steps to train (each: one rollout, ``mini_batches`` optimizer steps)."""
+    prompts_per_step: int = 32
+    """Prompts per step over all data-parallel ranks (reference: 32; responses = prompts x n_samples)."""
+    mini_batches: int = 1
+    """Optimizer steps per rollout (reference: 1, fully on-policy)."""
+    micro_batch_size: int = 4
+    """Responses per forward/backward pass on one rank."""
+    output_dir: str = "outputs/run"
+    """Metrics (JSONL, TensorBoard) and, unless ``save_dir`` is set, checkpoints go here."""
+    save_dir: Optional[str] = None
+    """Checkpoint directory (default ``output_dir/checkpoints``)."""
+    save_interval: int = 0
+    """Save every N steps (0: only at the end)."""
+    val_interval: int = 0
+    """Greedy validation every N steps, and before the first (0: off)."""
+    val_prompts: int = 64
+    """How many held-out prompts validation uses."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    wandb_project: Optional[str] = None
+    """Also log to Weights & Biases (needs ``wandb``)."""
+    progress: bool = True
+    """Rich progress bar on the logging rank."""
+
+    def __post_init__(self):
+        for name in ("steps", "prompts_per_step", "mini_batches", "micro_batch_size", "val_prompts"):
+            _check(getattr(self, name) >= 1, f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_interval", "val_interval"):
+            _check(getattr(self, name) >= 0, f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.save_dir or f"{self.output_dir}/checkpoints"
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs; cross-section checks live in ``__post_init__``."""
 
@@ -188,6 +297,16 @@ class RunConfig:
     """Student numerics (and the teacher's unless it sets its own)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Student optimizer and LR schedule."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling of responses."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """Advantage estimator and policy loss."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts and reward."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Batch shape, schedule, checkpoints, logging."""
+    student_checkpoint: Optional[str] = None
+    """Megatron dist-checkpoint with the student's initial weights (None: random init)."""
     seed: int = 1234
     """Seeds weights init, sampling and data order."""
 

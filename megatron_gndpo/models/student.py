@@ -52,3 +52,22 @@ def build_optimizer(optim: OptimConfig, precision: PrecisionConfig, parallel: Pa
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
     return get_megatron_optimizer(config, [model])
+
+
+def build_scheduler(optim: OptimConfig, optimizer, total_steps: int):
+    """megatron's LR / weight-decay schedule, stepped once per optimizer step."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if optim.lr_warmup_steps else optim.lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.lr_warmup_steps,
+        lr_decay_steps=max(total_steps, optim.lr_warmup_steps + 1),
+        lr_decay_style=optim.lr_decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )

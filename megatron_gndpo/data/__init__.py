@@ -1,0 +1,1 @@
+"""Prompts (verl parquet schema) and tokenizers."""

@@ -1,0 +1,150 @@
+"""Prompt datasets in the verl parquet schema (DESIGN.md §1.3) and the seeded order they are read in.
+
+Row schema: ``prompt`` (list of ``{"role", "content"}`` chat messages), ``reward_model``
+(``{"style": "rule", "ground_truth": str}``), optional ``data_source``, ``images``, ``ability``,
+``extra_info``. Every row is checked when the file is opened, so a malformed row stops the run
+before any compute, with its file, row number and column in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Dict, List, Optional, Sequence
+
+REQUIRED_COLUMNS = ("prompt", "reward_model")
+
+
+@dataclasses.dataclass
+class PromptRow:
+    index: int
+    """Position in the dataset (all files concatenated)."""
+    messages: List[Dict[str, str]]
+    ground_truth: str
+    data_source: str
+
+
+def _row_error(path: str, row: int, column: str, what: str) -> ValueError:
+    return ValueError(f"{path}: row {row}, column '{column}': {what}")
+
+
+def _check_row(path: str, row: int, prompt, reward_model, images, images_policy: str) -> PromptRow:
+    if not isinstance(prompt, list) or not prompt:
+        raise _row_error(path, row, "prompt", f"expected a non-empty list of chat messages, got {prompt!r:.80}")
+    for j, m in enumerate(prompt):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise _row_error(path, row, "prompt", f"message {j} must have string 'role' and 'content', got {m!r:.80}")
+    if not isinstance(reward_model, dict) or reward_model.get("ground_truth") is None:
+        raise _row_error(path, row, "reward_model", f"expected a struct with 'ground_truth', got {reward_model!r:.80}")
+    if images and images_policy == "error":
+        raise _row_error(path, row, "images", "the row has images but the student is a text-only model "
+                         "(set data.images=ignore to drop them)")
+    return PromptRow(row, [{"role": m["role"], "content": m["content"]} for m in prompt],
+                     str(reward_model["ground_truth"]), "")
+
+
+def read_prompt_rows(paths: Sequence[str], images: str = "error") -> List[PromptRow]:
+    """All rows of ``paths``, validated."""
+    import pyarrow.parquet as pq
+
+    rows: List[PromptRow] = []
+    for path in paths:
+        try:
+            table = pq.read_table(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read parquet file {path}: {e}") from e
+        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(table.column_names)})")
+        cols = {c: table.column(c).to_pylist() for c in ("prompt", "reward_model", "data_source", "images")
+                if c in table.column_names}
+        for i in range(table.num_rows):
+            row = _check_row(path, i, cols["prompt"][i], cols["reward_model"][i],
+                             cols.get("images", [None] * table.num_rows)[i], images)
+            row.index = len(rows)
+            row.data_source = str(cols.get("data_source", [""] * table.num_rows)[i] or "")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"the dataset {', '.join(paths) or '(no files given)'} has no rows")
+    return rows
+
+
+class PromptOrder:
+    """Epoch-by-epoch seeded shuffle; its position is part of every checkpoint, so a resumed run
+    reads exactly the prompts the uninterrupted one would have."""
+
+    def __init__(self, num_rows: int, *, seed: int, shuffle: bool):
+        self.num_rows, self.seed, self.shuffle = num_rows, seed, shuffle
+        self.epoch, self.offset = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> List[int]:
+        order = list(range(self.num_rows))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> List[int]:
+        out: List[int] = []
+        while len(out) < n:
+            if self.offset == self.num_rows:
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._order = self._epoch_order()
+            k = min(n - len(out), self.num_rows - self.offset)
+            out += self._order[self.offset:self.offset + k]
+            self.offset += k
+        return out
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset, "num_rows": self.num_rows}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        if state["num_rows"] != self.num_rows:
+            raise ValueError(f"the checkpoint was taken on a dataset of {state['num_rows']} rows, "
+                             f"this one has {self.num_rows}")
+        self.epoch, self.offset = state["epoch"], state["offset"]
+        self._order = self._epoch_order()
+
+
+class PromptDataset:
+    """Validated rows plus their token ids (rendered with the chat template on first use)."""
+
+    def __init__(self, paths: Sequence[str], tokenizer, *, max_prompt_length: int, images: str = "error"):
+        self.rows = read_prompt_rows(paths, images)
+        self.tokenizer = tokenizer
+        self.max_prompt_length = max_prompt_length
+        self._ids: Dict[int, List[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def prompt_ids(self, i: int) -> List[int]:
+        if i not in self._ids:
+            from megatron_gndpo.data.tokenizer import render_prompt
+
+            ids = render_prompt(self.tokenizer, self.rows[i].messages)
+            if len(ids) > self.max_prompt_length:
+                raise ValueError(f"prompt of dataset row {i} is {len(ids)} tokens, longer than "
+                                 f"data.max_prompt_length ({self.max_prompt_length})")
+            self._ids[i] = ids
+        return self._ids[i]
+
+
+def write_prompt_parquet(path: str, rows: Sequence[dict]) -> None:
+    """Write rows (dicts in the schema above) to parquet; used by the data-prep tools and tests."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(list(rows)), path)
+
+
+def verl_row(messages: List[Dict[str, str]], ground_truth: str, *, data_source: str, ability: str = "",
+             images: Optional[list] = None, extra_info: Optional[dict] = None) -> dict:
+    return {
+        "data_source": data_source,
+        "prompt": messages,
+        "images": images or [],
+        "ability": ability,
+        "reward_model": {"style": "rule", "ground_truth": ground_truth},
+        "extra_info": extra_info,
+    }

@@ -1,0 +1,166 @@
+"""The embedded rollout engine: batched, KV-cached sampling on a megatron-core model at any TP x PP.
+
+Megatron's static-batch KV cache (``StaticInferenceContext``) keeps keys and values per layer, so
+each new token costs one single-position forward. Prompts of different lengths share one batch the
+way Megatron-LM's static engine does it: decoding starts at the shortest prompt and, for a row whose
+prompt is longer, the prompt token is forced instead of the sampled one until its prompt is used up.
+All tokens before a position are then real, so the causal mask alone is right and no padding mask
+is needed.
+
+With pipeline parallelism each stage receives the previous stage's hidden states, runs its layers
+(with their own cache) and sends on; the last stage samples and broadcasts the new token ids over
+the pipeline group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_gndpo.distributed.init import ProcessGroups
+from megatron_gndpo.rollout.sampling import vocab_parallel_sample
+
+
+@dataclass
+class SamplingParams:
+    """How responses are drawn (vLLM's names)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    eos_token_ids: Sequence[int] = ()
+    pad_token_id: int = 0
+
+
+@dataclass
+class Rollout:
+    """Prompt + response per row, right-padded with ``pad_token_id``.
+
+    ``tokens`` ``[B, L]``; ``prompt_lengths`` / ``response_lengths`` ``[B]``; the response of row b is
+    ``tokens[b, p_b : p_b + r_b]`` and ends with an EOS id unless it hit ``max_new_tokens``.
+    """
+
+    tokens: torch.Tensor
+    prompt_lengths: torch.Tensor
+    response_lengths: torch.Tensor
+    truncated: torch.Tensor
+
+    def responses(self) -> List[List[int]]:
+        return [self.tokens[b, p:p + r].tolist() for b, (p, r) in
+                enumerate(zip(self.prompt_lengths.tolist(), self.response_lengths.tolist()))]
+
+
+def _pp_neighbour(groups: ProcessGroups, offset: int) -> int:
+    return dist.get_global_rank(groups.pp, groups.pp_rank + offset)
+
+
+@contextlib.contextmanager
+def _sharded_logits(model):
+    """GPTModel asserts that inference gathers the vocabulary (``runtime_gather_output``). We sample
+    from the shards instead, so only the top-level module leaves inference mode for its
+    post-processing, and for the final position's logits only; every layer below stays in eval mode
+    and keeps using the KV cache. Prefill logits therefore come for every prompt position (sharded)."""
+    model.training = True
+    try:
+        yield
+    finally:
+        model.training = False
+
+
+def _stage_forward(model, tokens: torch.Tensor, start: int, context, groups: ProcessGroups) -> Optional[torch.Tensor]:
+    """One pipeline pass over ``tokens`` ``[B, s]`` (positions ``start..start+s``); the last stage
+    returns the sharded logits of the final position ``[B, V/tp]``, the others None."""
+    b, s = tokens.shape
+    config = model.config
+    if not groups.is_first_stage:
+        hidden = torch.empty((s, b, config.hidden_size), dtype=config.params_dtype, device=tokens.device)
+        dist.recv(hidden, src=_pp_neighbour(groups, -1), group=groups.pp)
+        model.set_input_tensor(hidden)
+    positions = torch.arange(start, start + s, device=tokens.device).expand(b, s)
+    with _sharded_logits(model):
+        out = model(tokens, positions, None, inference_context=context)
+    if not groups.is_last_stage:
+        dist.send(out.contiguous(), dst=_pp_neighbour(groups, +1), group=groups.pp)
+        return None
+    return out[:, -1]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    rows: torch.Tensor,
+    params: SamplingParams,
+    *,
+    groups: ProcessGroups,
+    vocab_size: int,
+    seed: int,
+    max_sequence_length: int,
+) -> Rollout:
+    """Sample one response per prompt (repeat a prompt for n samples).
+
+    ``rows`` ``[B]`` are the rows' global indices in the step: with ``seed`` they key the sampling
+    noise, so a row's response does not depend on the layout or on which rank holds it. Every rank
+    of the model-parallel group calls this with the same prompts; all return the same ``Rollout``.
+    """
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    if getattr(model.config, "sequence_parallel", False):
+        raise ValueError("the megatron rollout engine does not support parallel.sequence_parallel "
+                         "(single-token decode steps cannot be split along the sequence)")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate() needs at least one prompt and no empty prompt")
+    device = next(model.parameters()).device
+    b = len(prompts)
+    plen = torch.tensor([len(p) for p in prompts], device=device)
+    total = int(plen.max()) + params.max_new_tokens
+    if total > max_sequence_length:
+        raise ValueError(f"longest prompt ({int(plen.max())} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                         f"exceeds the model's max_position_embeddings ({max_sequence_length})")
+    tokens = torch.full((b, total), params.pad_token_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.as_tensor(p, dtype=torch.long, device=device)
+    eos = torch.as_tensor(list(params.eos_token_ids), dtype=torch.long, device=device)
+    rows = rows.to(device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    resp_len = torch.zeros(b, dtype=torch.long, device=device)
+    last_src = dist.get_global_rank(groups.pp, groups.pp_size - 1)
+
+    was_training = model.training
+    model.eval()
+    context = StaticInferenceContext(b, total)
+    prev, cur = 0, int(plen.min())
+    try:
+        while cur < total and not bool(done.all()):
+            logits = _stage_forward(model, tokens[:, prev:cur], prev, context, groups)
+            context.sequence_len_offset += cur - prev
+            if groups.is_last_stage:
+                nxt = vocab_parallel_sample(
+                    logits, rows=rows, position=torch.full_like(rows, cur), seed=seed, group=groups.tp,
+                    temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, vocab_size=vocab_size,
+                )
+            else:
+                nxt = torch.empty(b, dtype=torch.long, device=device)
+            if groups.pp_size > 1:
+                dist.broadcast(nxt, src=last_src, group=groups.pp)
+            in_prompt = cur < plen
+            generating = ~in_prompt & ~done
+            tokens[:, cur] = torch.where(in_prompt, tokens[:, cur],
+                                         torch.where(generating, nxt, torch.full_like(nxt, params.pad_token_id)))
+            resp_len += generating.long()
+            hit_eos = generating & torch.isin(nxt, eos) if eos.numel() else torch.zeros_like(done)
+            done |= hit_eos | (generating & (resp_len >= params.max_new_tokens))
+            prev, cur = cur, cur + 1
+    finally:
+        model.train(was_training)
+    end = int((plen + resp_len).max())
+    truncated = resp_len >= params.max_new_tokens
+    if eos.numel():
+        last = tokens.gather(1, (plen + resp_len - 1).clamp_min(0)[:, None])[:, 0]
+        truncated &= ~torch.isin(last, eos)
+    return Rollout(tokens[:, :end], plen, resp_len, truncated)

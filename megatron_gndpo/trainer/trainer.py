@@ -1,0 +1,367 @@
+"""The GNDPO / OPD trainer. :meth:`Trainer.train_step` is one step, top to bottom:
+
+    prompts -> rollout (student, current weights) -> teacher scores the sampled tokens
+    -> student old log-probs -> rewards -> advantages (global statistics over DP)
+    -> mini-batches of micro-batches through megatron's pipeline schedule -> clip, optimizer, LR
+    -> metrics
+
+Rows of a step: ``prompts_per_step x n_samples`` responses, numbered globally and cut into
+``mini_batches`` consecutive blocks; data-parallel rank d holds the d-th share of every block (whole
+prompt groups), so each optimizer step sees the same rows at every layout. Tensor- and pipeline-parallel ranks of one replica
+hold the same rows. Log-probs live on the last pipeline stage (where the logits are), so advantages
+and losses are computed there; everything a loss is divided by is global to the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_gndpo.algorithms.advantages import call_estimator, get_advantage_estimator
+from megatron_gndpo.algorithms.losses import POLICY_LOSSES
+from megatron_gndpo.algorithms.reduce import aggregate, global_normalizer, masked_sum
+from megatron_gndpo.checkpoint.dist_ckpt import CheckpointManager, load_model_weights
+from megatron_gndpo.config.schema import RunConfig
+from megatron_gndpo.data.prompts import PromptDataset, PromptOrder
+from megatron_gndpo.data.tokenizer import check_tokenizer_fits, eos_ids, load_tokenizer
+from megatron_gndpo.distributed.init import destroy_parallel, init_parallel
+from megatron_gndpo.models.student import build_optimizer, build_scheduler, build_student, unwrap
+from megatron_gndpo.models.teacher import build_teacher
+from megatron_gndpo.ops.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+from megatron_gndpo.rewards import get_reward
+from megatron_gndpo.rollout.generator import Rollout, SamplingParams, generate
+from megatron_gndpo.trainer.megatron_glue import run_schedule
+from megatron_gndpo.trainer.evaluation import greedy_eval
+from megatron_gndpo.trainer.metrics import MetricsWriter, PhaseTimer
+
+log = logging.getLogger(__name__)
+MicroBatch = Dict[str, torch.Tensor]
+
+
+class EmptyStepError(ValueError):
+    """Every response of a step is empty: there is nothing to learn from."""
+
+
+def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    if dist.is_initialized() and (group is None or dist.get_world_size(group) > 1):
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def sequences_from_rollout(rollout: Rollout, pad_token_id: int) -> MicroBatch:
+    """Next-token training view of a rollout: position t predicts token t+1.
+
+    ``mask[b, t]`` is 1 where token t+1 belongs to row b's response (EOS included)."""
+    tokens = rollout.tokens
+    b, length = tokens.shape
+    t = torch.arange(length - 1, device=tokens.device)[None, :] + 1
+    p = rollout.prompt_lengths[:, None]
+    mask = (t >= p) & (t < p + rollout.response_lengths[:, None])
+    return {
+        "tokens": tokens[:, :-1].contiguous(),
+        "position_ids": torch.arange(length - 1, device=tokens.device).expand(b, length - 1).contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "mask": mask,
+    }
+
+
+def split_rows(batch: MicroBatch, size: int) -> List[MicroBatch]:
+    n = next(iter(batch.values())).shape[0]
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, *, resume: bool = False):
+        self.cfg = cfg
+        self.groups = g = init_parallel(cfg.parallel, seed=cfg.seed)
+        tc = cfg.trainer
+        if tc.prompts_per_step % (g.dp_size * tc.mini_batches):
+            raise ValueError(f"trainer.prompts_per_step ({tc.prompts_per_step}) must be divisible by the "
+                             f"data-parallel size ({g.dp_size}) x trainer.mini_batches ({tc.mini_batches}), so "
+                             "that every rank holds whole prompt groups of every mini-batch")
+        self.rows_per_rank = tc.prompts_per_step * cfg.rollout.n_samples // g.dp_size
+        if self.rows_per_rank % (tc.micro_batch_size * tc.mini_batches):
+            raise ValueError(
+                f"responses per data-parallel rank ({self.rows_per_rank} = prompts_per_step x n_samples / DP) "
+                f"must be divisible by trainer.micro_batch_size ({tc.micro_batch_size}) x "
+                f"trainer.mini_batches ({tc.mini_batches})")
+        get_advantage_estimator(cfg.algorithm.estimator)  # unknown names fail before any compute
+        self.policy_loss = POLICY_LOSSES.get(cfg.algorithm.policy_loss)
+        self.reward_fn = get_reward(cfg.data.reward)
+
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        check_tokenizer_fits(self.tokenizer, cfg.model.vocab_size, "model")
+        self.train_data = PromptDataset(cfg.data.train_files, self.tokenizer,
+                                        max_prompt_length=cfg.data.max_prompt_length, images=cfg.data.images)
+        self.val_data = (PromptDataset(cfg.data.val_files, self.tokenizer, max_prompt_length=cfg.data.max_prompt_length,
+                                       images=cfg.data.images) if cfg.data.val_files else None)
+        self.order = PromptOrder(len(self.train_data), seed=cfg.seed, shuffle=cfg.data.shuffle)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                       top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
+                                       eos_token_ids=eos_ids(self.tokenizer), pad_token_id=pad)
+
+        stage = dict(pre_process=g.is_first_stage, post_process=g.is_last_stage)
+        self.model = build_student(cfg.model, cfg.parallel, cfg.precision, **stage)
+        self.optimizer = build_optimizer(cfg.optim, cfg.precision, cfg.parallel, self.model)
+        self.scheduler = build_scheduler(cfg.optim, self.optimizer, tc.steps * tc.mini_batches)
+        if cfg.student_checkpoint:
+            load_model_weights(unwrap(self.model), cfg.student_checkpoint, cfg.model, "student")
+            self.optimizer.reload_model_params()  # fp32 main weights follow the loaded bf16 ones
+        self.teacher = build_teacher(cfg.teacher, cfg.parallel, **stage)
+        if cfg.teacher.checkpoint:
+            load_model_weights(self.teacher, cfg.teacher.checkpoint, cfg.teacher.model, "teacher")
+        else:
+            log.warning("teacher.checkpoint is not set: the teacher has random weights (tests only)")
+        self.offload_teacher = cfg.teacher.offload and torch.cuda.is_available()
+        if self.offload_teacher:
+            self.teacher.cpu()
+
+        self.step = 0
+        self.skipped_steps = 0
+        self.checkpoints = CheckpointManager(
+            tc.checkpoint_dir,
+            layout={"tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size},
+            ranks={"tp": g.tp_rank, "pp": g.pp_rank, "dp": g.dp_rank},
+        )
+        if resume:
+            self._resume()
+        self.is_logging_rank = dist.get_rank() == dist.get_world_size() - 1
+        self.metrics: Optional[MetricsWriter] = None
+        if self.is_logging_rank:
+            self.metrics = MetricsWriter(tc.output_dir, total_steps=tc.steps, start_step=self.step,
+                                         tensorboard=tc.tensorboard, wandb_project=tc.wandb_project,
+                                         progress=tc.progress, config=dataclasses.asdict(cfg))
+
+    # --- the step ---------------------------------------------------------------------------------
+
+    def train_step(self) -> Dict[str, float]:
+        cfg, g = self.cfg, self.groups
+        timer = PhaseTimer()
+        with timer("step"):
+            # 1. prompts: every rank draws the same global list and keeps its block of rows
+            prompt_ids, truths, rows, prompt_index = self._step_rows()
+
+            # 2. rollout with the student's current weights
+            with timer("rollout"):
+                rollout = generate(unwrap(self.model), prompt_ids, rows, self.sampling, groups=g,
+                                   vocab_size=cfg.model.vocab_size, seed=self._sampling_seed(),
+                                   max_sequence_length=cfg.model.max_position_embeddings)
+            batch = sequences_from_rollout(rollout, self.sampling.pad_token_id)
+            total_response_tokens = float(_all_reduce(batch["mask"].sum().double(), group=g.dp_cp).item())
+            if total_response_tokens == 0:
+                raise EmptyStepError(f"step {self.step + 1}: every response of the global batch is empty "
+                                     "(0 response tokens); check the prompts, EOS ids and rollout.max_new_tokens")
+            rewards = self._rewards(rollout, truths)
+            microbatches = split_rows(batch, cfg.trainer.micro_batch_size)
+
+            # 3. the teacher scores the student's exact tokens, at the rollout temperature
+            with timer("teacher"):
+                teacher_lp = self._score(self.teacher, microbatches)
+            # 4. the student's log-probs of its own samples (the PPO/GSPO "old" policy)
+            with timer("old_logprobs"):
+                old_lp = self._score(unwrap(self.model), microbatches)
+
+            # 5. advantages, with statistics global over data parallelism (last stage: it has the log-probs)
+            adv_stats: Dict[str, float] = {}
+            if g.is_last_stage:
+                advantages, adv_stats = call_estimator(
+                    cfg.algorithm.estimator,
+                    {"teacher_logprobs": teacher_lp, "old_logprobs": old_lp, "response_mask": batch["mask"],
+                     "rewards": rewards["reward"], "correct": rewards["acc"] > 0.5, "prompt_index": prompt_index},
+                    group=g.dp_cp, **cfg.algorithm.estimator_kwargs)
+                for mb, t_lp, o_lp, a in zip(microbatches, *(x.split(cfg.trainer.micro_batch_size)
+                                                           for x in (teacher_lp, old_lp, advantages))):
+                    mb.update(teacher_logprobs=t_lp, old_logprobs=o_lp, advantages=a)
+
+            # 6. policy update: one optimizer step per mini-batch
+            with timer("train"):
+                per_mini = len(microbatches) // cfg.trainer.mini_batches
+                train_metrics: Dict[str, float] = {}
+                for i in range(cfg.trainer.mini_batches):
+                    for k, v in self._optimizer_step(microbatches[i * per_mini:(i + 1) * per_mini]).items():
+                        train_metrics[k] = train_metrics.get(k, 0.0) + v / cfg.trainer.mini_batches
+        self.step += 1
+
+        # 7. metrics
+        out = {**train_metrics, **{f"score/{k[len('score_'):]}" if k.startswith("score_") else f"estimator/{k}": v
+                                   for k, v in adv_stats.items()}}
+        out.update(self._rollout_metrics(rollout, batch, rewards, advantages if g.is_last_stage else None))
+        tokens = float(_all_reduce(torch.tensor(float(rollout.prompt_lengths.sum() + rollout.response_lengths.sum()),
+                                                dtype=torch.float64), group=g.dp_cp).item())
+        for name, sec in timer.seconds.items():
+            out[f"time/{name}_s"] = sec
+        out["perf/tokens_per_s"] = tokens / timer.seconds["step"]
+        out["actor/lr"] = self.optimizer.param_groups[0]["lr"]
+        out["actor/skipped_steps"] = float(self.skipped_steps)
+        return out
+
+    def _step_rows(self):
+        """This rank's rows: prompt ids, ground truths, global row ids and prompt slots."""
+        g, n = self.groups, self.cfg.rollout.n_samples
+        indices = self.order.take(self.cfg.trainer.prompts_per_step)
+        # Mini-batch i is the same global rows at every layout: its i-th block, split over DP ranks.
+        mini = self.cfg.trainer.mini_batches
+        block, share = self.rows_per_rank * g.dp_size // mini, self.rows_per_rank // mini
+        rows = torch.cat([torch.arange(i * block + g.dp_rank * share, i * block + (g.dp_rank + 1) * share)
+                          for i in range(mini)])
+        prompt_slot = rows // n
+        prompt_ids = [self.train_data.prompt_ids(indices[s]) for s in prompt_slot.tolist()]
+        truths = [self.train_data.rows[indices[s]].ground_truth for s in prompt_slot.tolist()]
+        return prompt_ids, truths, rows, prompt_slot
+
+    def _sampling_seed(self) -> int:
+        return self.cfg.seed * 1_000_003 + self.step
+
+    def _rewards(self, rollout: Rollout, truths: Sequence[str]) -> Dict[str, torch.Tensor]:
+        texts = self.tokenizer.batch_decode(rollout.responses(), skip_special_tokens=True)
+        scored = [self.reward_fn(text, truth) for text, truth in zip(texts, truths)]
+        return {k: torch.tensor([s[k] for s in scored], dtype=torch.float32) for k in ("reward", "acc", "format")}
+
+    @torch.no_grad()
+    def _score(self, model, microbatches: List[MicroBatch]) -> Optional[torch.Tensor]:
+        """Sampled-token log-probs ``[B, T]`` from vocab shards (last stage; None elsewhere)."""
+        g, cfg = self.groups, self.cfg
+        if model is self.teacher and self.offload_teacher:
+            model.cuda()
+
+        def collect(logits_shard, mb):
+            return {"logp": vocab_parallel_logprobs(logits_shard, mb["labels"], group=g.tp,
+                                                    temperature=cfg.rollout.temperature,
+                                                    vocab_size=cfg.model.vocab_size)}
+
+        out = run_schedule(model, microbatches, collect_fn=collect, forward_only=True)
+        if model is self.teacher and self.offload_teacher:
+            model.cpu()
+            torch.cuda.empty_cache()
+        return torch.cat([o["logp"] for o in out]) if g.is_last_stage else None
+
+    def _optimizer_step(self, microbatches: List[MicroBatch]) -> Dict[str, float]:
+        """Forward/backward of one mini-batch through megatron's schedule, then clip + step, unless a
+        gradient is non-finite anywhere: then the step is skipped (and counted) and training goes on."""
+        g, cfg, alg = self.groups, self.cfg, self.cfg.algorithm
+        mask = torch.cat([mb["mask"] for mb in microbatches])
+        normalizer = global_normalizer(mask, alg.loss_agg, g.dp_cp)
+        n_tokens = global_normalizer(mask, "token-mean", g.dp_cp)
+
+        def loss_fn(logits_shard, mb):
+            lp = vocab_parallel_logprobs(logits_shard, mb["labels"], group=g.tp, temperature=cfg.rollout.temperature,
+                                         vocab_size=cfg.model.vocab_size)
+            loss, metrics = self.policy_loss(lp, mb["old_logprobs"], mb["advantages"], mb["mask"],
+                                             normalizer=normalizer, agg=alg.loss_agg, clip_low=alg.clip_low,
+                                             clip_high=alg.clip_high)
+            with torch.no_grad():
+                entropy = vocab_parallel_entropy(logits_shard.detach(), group=g.tp,
+                                                 temperature=cfg.rollout.temperature, vocab_size=cfg.model.vocab_size)
+                metrics["entropy"] = aggregate(entropy, mb["mask"], "token-mean", n_tokens)
+            metrics["policy_loss"] = loss.detach()
+            return loss, metrics
+
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.model.train()
+        out = run_schedule(self.model, microbatches, loss_fn=loss_fn, forward_only=False)
+
+        finite = torch.tensor(float(all(torch.isfinite(p.main_grad).all() for p in self.model.parameters()
+                                        if getattr(p, "main_grad", None) is not None)))
+        finite = _all_reduce(finite, dist.ReduceOp.MIN)
+        metrics: Dict[str, float] = {}
+        if finite.item() == 1.0:
+            ok, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+            metrics["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        else:
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite gradients; optimizer step skipped (%d skipped so far)",
+                        self.step + 1, self.skipped_steps)
+            metrics["actor/grad_norm"] = float("nan")
+        if g.is_last_stage:
+            keys = sorted(out[0])
+            sums = torch.stack([sum(o[k].double() for o in out) for k in keys])
+            sums = _all_reduce(sums, group=g.dp_cp)
+            metrics.update({f"actor/{k}": float(v) for k, v in zip(keys, sums.tolist())})
+        return metrics
+
+    def _rollout_metrics(self, rollout, batch, rewards, advantages) -> Dict[str, float]:
+        g = self.groups
+        resp = rollout.response_lengths.double()
+        local = torch.stack([
+            torch.tensor(float(resp.numel()), dtype=torch.float64), resp.sum(), rollout.truncated.double().sum(),
+            rewards["reward"].double().sum(), rewards["acc"].double().sum(), rewards["format"].double().sum(),
+        ])
+        s = _all_reduce(local, group=g.dp_cp).tolist()
+        longest = _all_reduce(resp.max().reshape(1), dist.ReduceOp.MAX, g.dp_cp).item()
+        out = {"response/length_mean": s[1] / s[0], "response/length_max": longest,
+               "response/truncated_frac": s[2] / s[0], "reward": s[3] / s[0], "acc": s[4] / s[0],
+               "format": s[5] / s[0]}
+        if advantages is not None:
+            m = batch["mask"]
+            a = advantages.double()
+            big = torch.finfo(torch.float64).max
+            sums = _all_reduce(torch.stack([m.sum().double(), masked_sum(a, m), masked_sum(a * a, m)]), group=g.dp_cp)
+            ext = _all_reduce(torch.stack([torch.where(m, a, -big).max(), torch.where(m, -a, -big).max()]),
+                              dist.ReduceOp.MAX, g.dp_cp)
+            n, tot, sq = sums.tolist()
+            mean = tot / n
+            out.update({"adv/mean": mean, "adv/std": math.sqrt(max(sq / n - mean * mean, 0.0)),
+                        "adv/max": ext[0].item(), "adv/min": -ext[1].item()})
+        return out
+
+    # --- validation ---------------------------------------------------------------------------------
+
+    def validate(self) -> Dict[str, float]:
+        """Greedy responses to the first ``val_prompts`` held-out prompts: mean reward / accuracy."""
+        return greedy_eval(unwrap(self.model), self.val_data, self.tokenizer, self.reward_fn, self.sampling,
+                           groups=self.groups, vocab_size=self.cfg.model.vocab_size,
+                           max_sequence_length=self.cfg.model.max_position_embeddings,
+                           limit=self.cfg.trainer.val_prompts)
+
+    # --- checkpoints and the loop ---------------------------------------------------------------------
+
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "data": self.order.state_dict()}
+
+    def save(self):
+        return self.checkpoints.save(self.step, unwrap(self.model), self.optimizer, self.scheduler,
+                                     model_config=self.cfg.model, trainer_state=self._trainer_state())
+
+    def _resume(self):
+        path = self.checkpoints.latest()
+        if path is None:
+            log.warning("--resume: no checkpoint under %s; starting from scratch", self.checkpoints.root)
+            return
+        state = self.checkpoints.load(path, unwrap(self.model), self.optimizer, self.scheduler,
+                                      model_config=self.cfg.model)
+        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        self.order.load_state_dict(state["data"])
+        log.warning("resumed from %s at step %d", path, self.step)
+
+    def _log(self, metrics: Dict[str, float]) -> None:
+        if self.metrics is not None:
+            self.metrics.log(self.step, metrics)
+
+    def train(self) -> None:
+        tc = self.cfg.trainer
+        try:
+            if self.val_data is not None and tc.val_interval and self.step == 0:
+                self._log(self.validate())
+            while self.step < tc.steps:
+                metrics = self.train_step()
+                if self.val_data is not None and tc.val_interval and (
+                        self.step % tc.val_interval == 0 or self.step == tc.steps):
+                    metrics.update(self.validate())
+                self._log(metrics)
+                if (tc.save_interval and self.step % tc.save_interval == 0) or self.step == tc.steps:
+                    self.save()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+
+    def close(self, destroy_process_group: bool = True) -> None:
+        destroy_parallel(destroy_process_group)
+
