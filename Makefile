@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.py requirements/ci-constraints.txt
 venv: $(VENV)/.installed
 
 demo: venv
-	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m megatron_gndpo.demo
+	$(PY) -m megatron_gndpo.demo --nproc $(NPROC)
 
 test: venv
 	$(PY) -m pytest tests -q -p no:cacheprovider

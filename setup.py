@@ -25,10 +25,11 @@ setup(
         "numpy",
         "einops",
     ],
+    entry_points={"console_scripts": ["megatron-gndpo=megatron_gndpo.cli:main"]},
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.4", "vllm>=0.10", "nvidia-modelopt[torch]>=0.33"],
         "wandb": ["wandb"],
-        "math": ["math-verify>=0.7"],
-        "dev": ["pytest>=8", "matplotlib>=3.8"],
+        "math": ["mathruler>=0.1", "pylatexenc>=2.10", "sympy"],
+        "dev": ["pytest>=8", "matplotlib>=3.8", "mathruler>=0.1", "pylatexenc>=2.10", "sympy"],
     },
 )

@@ -73,6 +73,14 @@ def load_model_weights(model, path: str | os.PathLike, model_config: ModelConfig
     from megatron.core import dist_checkpointing
 
     check_architecture(path, model_config, role)
+    meta = read_meta(path)
+    saved_tp = meta["layout"].get("tp", 1)
+    saved_vocab = ModelConfig(**meta["model"]).padded_vocab_size(saved_tp)
+    if getattr(model, "vocab_size", saved_vocab) != saved_vocab:
+        raise ValueError(
+            f"checkpoint {path} was written for TP={saved_tp} with the vocabulary padded to {saved_vocab} rows; "
+            f"this {role} at its TP pads it to {model.vocab_size}: convert it with "
+            "`python -m tools.checkpoint_convert reshard --tp N` first")
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
     model.load_state_dict(state["model"], strict=True)
 

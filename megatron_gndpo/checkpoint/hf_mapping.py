@@ -86,19 +86,36 @@ def model_config_from_hf(hf_config) -> ModelConfig:
     )
 
 
+def hf_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """The shape every HF tensor must have (per-layer keys without their ``model.layers.{i}.`` prefix)."""
+    h, d, f, v = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    return {
+        "model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "model.norm.weight": (h,),
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+        "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.weight": (h, q), "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
+        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+    }
+
+
 def hf_to_global(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int) -> Dict[str, torch.Tensor]:
     """HF state dict -> megatron global weights. Missing or unexpected HF tensors are named."""
     used = set()
 
+    shapes = hf_shapes(cfg)
+
     def take(key):
         if key not in hf:
             raise KeyError(f"Hugging Face checkpoint has no tensor {key!r}")
+        want = shapes[key.split(".", 3)[-1] if key.startswith("model.layers.") else key]
+        if tuple(hf[key].shape) != want:
+            raise ValueError(f"Hugging Face tensor {key!r} has shape {tuple(hf[key].shape)}, the config implies {want}")
         used.add(key)
         return hf[key]
 
     def pad_vocab(w):
-        if w.shape[0] != cfg.vocab_size:
-            raise ValueError(f"embedding has {w.shape[0]} rows, config.vocab_size is {cfg.vocab_size}")
         return torch.cat([w, w.new_zeros(padded_vocab - w.shape[0], *w.shape[1:])])
 
     out = {"embedding.word_embeddings.weight": pad_vocab(take("model.embed_tokens.weight")),

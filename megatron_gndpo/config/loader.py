@@ -86,6 +86,12 @@ def _convert(tp, value, path):
         return _build(tp, value, path)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and not isinstance(value, tp):
         raise ValueError(f"config key {path} must be {tp.__name__}, got {value!r}")
     if origin is typing.Literal and value not in typing.get_args(tp):

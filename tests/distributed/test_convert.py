@@ -1,0 +1,167 @@
+"""tools/checkpoint_convert end to end: HF directory -> megatron dist-checkpoint -> logits at every
+TP x PP layout match transformers'; megatron -> HF is bit-exact; reshard; error cases."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import common
+from tests.distributed.test_hf_mapping import _hf_model
+from tests.harness import relayout, run_distributed
+from tests.trainer_setup import TOKENIZER
+
+pytestmark = pytest.mark.distributed
+LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2))
+
+
+def _save_hf(family, tied, path: Path):
+    model = _hf_model(family, tied)
+    model.save_pretrained(str(path), max_shard_size="100KB")  # several shards + index
+    for name in Path(TOKENIZER).iterdir():
+        shutil.copy2(name, path / name.name)
+    return model
+
+
+def _convert(groups, command, *args, **kwargs):
+    from megatron_gndpo.checkpoint import convert
+
+    return getattr(convert, command)(*args, **kwargs)
+
+
+def _logits_at_layouts(groups, ckpt, toks):
+    """Load the converted checkpoint at each (TP, PP) of a 4-rank world; full-vocab logits of rank 0's
+    data-parallel replica (last stage)."""
+    import torch.distributed as dist
+
+    from megatron_gndpo.checkpoint.dist_ckpt import load_model_weights, read_meta
+    from megatron_gndpo.config.schema import ModelConfig
+    from megatron_gndpo.models.provider import build_gpt_model
+    from megatron_gndpo.trainer.megatron_glue import run_schedule
+
+    cfg = ModelConfig(**read_meta(ckpt)["model"])
+    out = {}
+    for tp, pp in LAYOUTS:
+        groups = relayout(tp, pp)
+        model = build_gpt_model(cfg, common.parallel(tp, pp), common.FP32, pre_process=groups.is_first_stage,
+                                post_process=groups.is_last_stage)
+        load_model_weights(model, ckpt, cfg, "model")
+        got = run_schedule(model, [common.microbatch(toks)], forward_only=True,
+                           collect_fn=lambda lg, mb: {"logits": common.gather_vocab(lg, groups, cfg.vocab_size)})
+        if got and groups.dp_rank == 0 and groups.tp_rank == 0:
+            out[(tp, pp)] = got[0]["logits"]
+        dist.barrier()
+    return out
+
+
+@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", True), ("qwen3", False)])
+def test_hf_to_megatron_to_hf(tmp_path, family, tied):
+    hf = _save_hf(family, tied, tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    toks = common.tokens(2, 12)
+    with torch.no_grad():
+        ref = hf(toks).logits
+
+    run_distributed(_convert, 1, args=("hf_to_megatron", str(tmp_path / "hf"), str(tmp_path / "mg")),
+                    timeout_s=120)
+    results = run_distributed(_logits_at_layouts, 4, args=(str(tmp_path / "mg"), toks), timeout_s=240)
+    seen = {}
+    for r in results:
+        seen.update(r)
+    assert set(seen) == set(LAYOUTS)
+    for layout, logits in seen.items():
+        diff = (logits - ref).abs().max().item()
+        assert diff < 1e-4, f"{family} {layout}: max |logits - transformers| = {diff}"
+
+    summary = run_distributed(_convert, 1, args=("megatron_to_hf", str(tmp_path / "mg"), str(tmp_path / "back")),
+                              timeout_s=120)[0]
+    assert summary["family"] == family
+    back = tmp_path / "back"
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for name in set(index["weight_map"].values()):
+        tensors.update(load_file(str(back / name)))
+    ref_sd = {k: v for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")}
+    assert set(tensors) == set(ref_sd)
+    for k, v in ref_sd.items():
+        assert torch.equal(tensors[k], v), k
+    assert (back / "tokenizer.json").is_file() and (back / "config.json").is_file()
+    import transformers
+
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(back)).float().eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(toks).logits, ref)
+
+
+def _resave_at_tp2pp2(groups, src, dst):
+    from megatron_gndpo.checkpoint.dist_ckpt import load_model_weights, read_meta, save_model_weights
+    from megatron_gndpo.config.schema import ModelConfig
+    from megatron_gndpo.models.provider import build_gpt_model
+
+    groups = relayout(2, 2)
+    cfg = ModelConfig(**read_meta(src)["model"])
+    model = build_gpt_model(cfg, common.parallel(2, 2), common.FP32, pre_process=groups.is_first_stage,
+                            post_process=groups.is_last_stage)
+    load_model_weights(model, src, cfg, "model")
+    save_model_weights(model, dst, cfg, {"tp": 2, "pp": 2}, hf_architecture="qwen2")
+
+
+def test_reshard_tp2pp2_to_tp1pp1_is_lossless(tmp_path):
+    hf = _save_hf("qwen2", False, tmp_path / "hf")
+    run_distributed(_convert, 1, args=("hf_to_megatron", str(tmp_path / "hf"), str(tmp_path / "mg")))
+    run_distributed(_resave_at_tp2pp2, 4, args=(str(tmp_path / "mg"), str(tmp_path / "tp2pp2")))
+    summary = run_distributed(_convert, 1, args=("reshard", str(tmp_path / "tp2pp2"), str(tmp_path / "tp1pp1"),
+                                                 1, 1))[0]
+    assert summary["from"] == {"tp": 2, "pp": 2} and summary["layout"] == {"tp": 1, "pp": 1}
+    run_distributed(_convert, 1, args=("megatron_to_hf", str(tmp_path / "tp1pp1"), str(tmp_path / "back")))
+    from safetensors.torch import load_file
+
+    back = tmp_path / "back"
+    tensors = {}
+    for name in back.glob("*.safetensors"):
+        tensors.update(load_file(str(name)))
+    for k, v in hf.state_dict().items():
+        assert torch.equal(tensors[k], v), k
+
+
+def _expect_error(groups, command, *args, **kwargs):
+    try:
+        _convert(groups, command, *args, **kwargs)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def test_conversion_errors_name_the_problem(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _save_hf("llama", False, tmp_path / "hf")
+    hf = tmp_path / "hf"
+
+    def err(*args, **kwargs):
+        return run_distributed(_expect_error, 1, args=args, timeout_s=120)[0]
+
+    assert "tensor_model_parallel_size (3)" in err("hf_to_megatron", str(hf), str(tmp_path / "o1"), 3)
+    # a missing tensor, an unexpected one, a wrong shape: edit the shard that holds the first layer's q_proj
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    shard = hf / index["weight_map"]["model.layers.0.self_attn.q_proj.weight"]
+    original = load_file(str(shard))
+    broken = dict(original)
+    del broken["model.layers.0.self_attn.q_proj.weight"]
+    save_file(broken, str(shard), metadata={"format": "pt"})
+    assert "model.layers.0.self_attn.q_proj.weight" in err("hf_to_megatron", str(hf), str(tmp_path / "o2"))
+    save_file({**original, "model.layers.7.mlp.extra.weight": torch.zeros(2)}, str(shard), metadata={"format": "pt"})
+    assert "model.layers.7.mlp.extra.weight" in err("hf_to_megatron", str(hf), str(tmp_path / "o3"))
+    save_file({**original, "model.layers.0.self_attn.q_proj.weight": torch.zeros(3, 3)}, str(shard),
+              metadata={"format": "pt"})
+    assert "shape" in err("hf_to_megatron", str(hf), str(tmp_path / "o4"))
+    save_file(original, str(shard), metadata={"format": "pt"})
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    assert "gpt2" in err("hf_to_megatron", str(hf), str(tmp_path / "o5"))
