@@ -63,12 +63,13 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*", help="extra config overrides for the distillation runs")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
+    # The warm-ups are one process and may use every core; the distillation ranks get one thread each.
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for role, recipe in SFT.items():
         _run([sys.executable, "examples/arithmetic/train_sft.py", "--config", args.config, "--role", role,
               "--steps", str(recipe["steps"]), "--lr", str(recipe["lr"]), "--out", str(out / role),
               "parallel.tensor_model_parallel_size=1"], env)
+    env["OMP_NUM_THREADS"] = "1"
     teacher_acc = json.loads((out / "teacher" / "gndpo_meta.json").read_text())["val_acc"]
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]

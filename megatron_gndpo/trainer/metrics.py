@@ -33,7 +33,7 @@ class PhaseTimer:
 
 class MetricsWriter:
     def __init__(self, output_dir: str, *, total_steps: int, start_step: int, tensorboard: bool,
-                 wandb_project: Optional[str], progress: bool, config: dict):
+                 wandb_project: Optional[str], progress: bool, config: dict, title: str = "train"):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
@@ -54,7 +54,7 @@ class MetricsWriter:
         if progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.progress = Progress(TextColumn("[bold]GNDPO"), BarColumn(), MofNCompleteColumn(),
+            self.progress = Progress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(),
                                      TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
             self.progress.start()

@@ -136,7 +136,8 @@ class Trainer:
         if self.is_logging_rank:
             self.metrics = MetricsWriter(tc.output_dir, total_steps=tc.steps, start_step=self.step,
                                          tensorboard=tc.tensorboard, wandb_project=tc.wandb_project,
-                                         progress=tc.progress, config=dataclasses.asdict(cfg))
+                                         progress=tc.progress, config=dataclasses.asdict(cfg),
+                                         title=cfg.algorithm.estimator.upper())
 
     # --- the step ---------------------------------------------------------------------------------
 
