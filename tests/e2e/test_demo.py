@@ -1,26 +1,33 @@
-import os
+"""The training entry point as users launch it: torchrun at TP=2, and a single process."""
+
+import json
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.trainer_setup import REPO
+
+ARGS = ["--config", "examples/configs/demo.yaml", "teacher.checkpoint=null", "student_checkpoint=null",
+        "trainer.steps=2", "trainer.prompts_per_step=4", "trainer.mini_batches=1", "trainer.micro_batch_size=16",
+        "trainer.val_interval=0", "trainer.progress=false", "trainer.tensorboard=false"]
 
 
-def _run(cmd):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-
-
-def test_demo_runs_as_a_single_process_without_torchrun():
-    r = _run([sys.executable, "-m", "megatron_gndpo.demo", "--new-tokens", "4", "parallel.tensor_model_parallel_size=1"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "log pi_T - log pi_S (TP=1)" in r.stdout and "'valid_tokens': 16.0" in r.stdout
+def _run(cmd, out):
+    proc = subprocess.run(cmd + [f"trainer.output_dir={out}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["actor/grad_norm"] > 0 for r in rows)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
 
 
 @pytest.mark.distributed
-def test_demo_under_torchrun_with_tp2():
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    r = _run([torchrun, "--nproc-per-node", "2", "-m", "megatron_gndpo.demo", "--new-tokens", "3"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "(TP=2)" in r.stdout and "'adv_std': 1.0" in r.stdout
+def test_train_under_torchrun_with_tp2(tmp_path):
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_gndpo.train", *ARGS],
+         tmp_path / "tp2")
+
+
+def test_train_as_a_single_process(tmp_path):
+    _run([sys.executable, "-m", "megatron_gndpo.train", *ARGS, "parallel.tensor_model_parallel_size=1"],
+         tmp_path / "single")

@@ -10,7 +10,7 @@ EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples" / "configs"
 def test_demo_config_loads_with_defaults_and_overrides():
     cfg = load_config(EXAMPLES / "demo.yaml", ["parallel.tensor_model_parallel_size=1", "optim.lr=0.5"])
     assert cfg.parallel.tensor_model_parallel_size == 1
-    assert cfg.optim.lr == 0.5 and cfg.optim.weight_decay == 0.01  # from base.yaml
+    assert cfg.optim.lr == 0.5 and cfg.optim.clip_grad == 1.0  # from base.yaml
     assert cfg.teacher.model.hidden_size == 128
     assert cfg.teacher.precision == cfg.precision
     assert cfg.model.num_key_value_heads == 2 and cfg.model.head_dim == 16

@@ -62,7 +62,7 @@ def test_prompt_order_is_seeded_and_resumable():
     c = PromptOrder(10, seed=3, shuffle=True)
     c.load_state_dict(b.state_dict())
     assert c.take(7) == first[7:]
-    with pytest.raises(ValueError, match="12 rows"):
+    with pytest.raises(ValueError, match="dataset of 10 rows, this one has 12"):
         PromptOrder(12, seed=3, shuffle=True).load_state_dict(b.state_dict())
 
 
