@@ -60,10 +60,12 @@ def read_hf_tensors(hf_dir: Path) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _build_model(cfg: ModelConfig):
+def _build_model(cfg: ModelConfig, tp: int):
+    """The whole model in this one process, its vocabulary padded as a TP=``tp`` model pads it."""
     from megatron_gndpo.models.provider import build_gpt_model
 
-    return build_gpt_model(cfg, ParallelConfig(), FP32, pre_process=True, post_process=True)
+    padded = dataclasses.replace(cfg, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by * tp)
+    return build_gpt_model(padded, ParallelConfig(), FP32, pre_process=True, post_process=True)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> List[str]:
@@ -90,10 +92,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1) -> Dict[
     ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp).check_model(cfg, "model")
     padded = cfg.padded_vocab_size(tp)
     weights = hf_to_global(read_hf_tensors(hf_path), cfg, padded)
-    # Built at TP=1 but with the target layout's vocabulary padding, so the saved embedding has the
-    # shape a model at that layout expects.
-    model_cfg = dataclasses.replace(cfg, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by * tp)
-    model = _build_model(model_cfg)
+    model = _build_model(cfg, tp)
     load_global_weights(model, weights)
     save_model_weights(model, out_dir, cfg, {"tp": tp, "pp": pp}, hf_architecture=hf_config.model_type,
                        dtype=str(next(iter(weights.values())).dtype).replace("torch.", ""))
@@ -110,7 +109,7 @@ def load_megatron_global(ckpt_dir: str) -> Tuple[ModelConfig, Dict[str, torch.Te
     meta = read_meta(ckpt_dir)
     cfg = ModelConfig(**meta["model"])
     tp = meta["layout"].get("tp", 1)
-    model = _build_model(dataclasses.replace(cfg, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by * tp))
+    model = _build_model(cfg, tp)
     load_model_weights(model, ckpt_dir, cfg, "model")
     return cfg, gather_global_weights(model), meta
 
@@ -189,7 +188,7 @@ def reshard(in_dir: str, out_dir: str, tp: int = 1, pp: int = 1) -> Dict[str, ob
         if key in weights:
             w = weights[key][:cfg.vocab_size]
             weights[key] = torch.cat([w, w.new_zeros(padded - cfg.vocab_size, *w.shape[1:])])
-    model = _build_model(dataclasses.replace(cfg, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by * tp))
+    model = _build_model(cfg, tp)
     load_global_weights(model, weights)
     extra = {k: meta[k] for k in ("hf_architecture", "dtype") if k in meta}
     save_model_weights(model, out_dir, cfg, {"tp": tp, "pp": pp}, **extra)

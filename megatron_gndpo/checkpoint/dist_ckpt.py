@@ -85,18 +85,19 @@ def load_model_weights(model, path: str | os.PathLike, model_config: ModelConfig
     model.load_state_dict(state["model"], strict=True)
 
 
-def save_model_weights(model, path: str | os.PathLike, model_config: ModelConfig, layout: Dict[str, int],
-                       **extra) -> None:
-    """A weights-only dist-checkpoint of ``model`` (collective), written to ``path.tmp`` and renamed."""
+def _save_atomically(state: Dict[str, Any], final: Path, model_config: ModelConfig, layout: Dict[str, int],
+                     **extra) -> None:
+    """Collective: write ``state`` to ``final.tmp`` (a stale one is replaced), add the metadata, and
+    rename it to ``final`` only when every rank is done."""
     from megatron.core import dist_checkpointing
 
-    final, tmp = Path(path), Path(f"{path}.tmp")
+    tmp = Path(f"{final}.tmp")
     if _rank0():
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
+    dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _rank0():
         write_meta(tmp, model_config, layout, **extra)
@@ -104,6 +105,12 @@ def save_model_weights(model, path: str | os.PathLike, model_config: ModelConfig
             shutil.rmtree(final)
         os.replace(tmp, final)
     _barrier()
+
+
+def save_model_weights(model, path: str | os.PathLike, model_config: ModelConfig, layout: Dict[str, int],
+                       **extra) -> None:
+    """A weights-only dist-checkpoint of ``model`` (collective), written to ``path.tmp`` and renamed."""
+    _save_atomically({"model": model.sharded_state_dict()}, Path(path), model_config, layout, **extra)
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -165,25 +172,15 @@ class CheckpointManager:
     def save(self, step: int, model, optimizer, scheduler, *, model_config: ModelConfig,
              trainer_state: Dict[str, Any]) -> Path:
         """Collective: every rank calls it."""
-        from megatron.core import dist_checkpointing
-
         final = self.root / f"step_{step:08d}"
-        tmp = self.root / f"step_{step:08d}.tmp"
         if _rank0():
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob("*.tmp"):  # left by a save that was killed
                 shutil.rmtree(stale)
-            tmp.mkdir()
-        _barrier()
         state = self._state(model, optimizer, scheduler, loading=False)
         state["trainer"] = trainer_state
-        dist_checkpointing.save(state, str(tmp))
-        _barrier()
+        _save_atomically(state, final, model_config, self.layout, step=step)
         if _rank0():
-            write_meta(tmp, model_config, self.layout, step=step)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
             pointer_tmp = self.root / (LATEST_FILE + ".tmp")
             pointer_tmp.write_text(final.name)
             os.replace(pointer_tmp, self.root / LATEST_FILE)

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from megatron_gndpo.ops.vocab_parallel import _all_reduce, _Math, vocab_parallel_topk
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -45,16 +47,8 @@ def counter_uniform(seed: int, rows: torch.Tensor, position: torch.Tensor, vocab
     return (_shr(x, 11).double() + 0.5) * (1.0 / (1 << 53))
 
 
-def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
-    return t
-
-
 def _top_k_mask(x: torch.Tensor, k: int, group) -> torch.Tensor:
     """Keep the k largest entries of the sharded rows (ties at the k-th value are all kept)."""
-    from megatron_gndpo.ops.vocab_parallel import vocab_parallel_topk
-
     kth = vocab_parallel_topk(x, k, group=group)[0][..., -1:]
     return x.masked_fill(x < kth, float("-inf"))
 
@@ -63,13 +57,11 @@ def _top_p_mask(x: torch.Tensor, p: float, group, iters: int = 40) -> torch.Tens
     """Keep the nucleus: the tokens whose probability is at least tau, with tau the largest
     threshold whose kept mass is still >= p. Found by bisection (one [B] SUM all-reduce per
     iteration) instead of a global sort, which would need the whole vocabulary on one rank; tau is
-    exact to ``p_max * 2**-iters``."""
-    m = _all_reduce(x.max(dim=-1).values, dist.ReduceOp.MAX, group)
-    e = torch.exp(x - m[:, None])
-    z = _all_reduce(e.sum(dim=-1), dist.ReduceOp.SUM, group)
-    probs = e / z[:, None]
-    lo = torch.zeros_like(z)
-    hi = 1.0 / z  # the largest probability: exp(max - max) / z
+    exact to ``2**-iters``."""
+    lse = _Math.log_normalizer(x, group)
+    probs = torch.exp(x - lse[:, None])
+    lo = torch.zeros_like(lse)
+    hi = torch.ones_like(lse)
     for _ in range(iters):
         mid = (lo + hi) / 2
         mass = _all_reduce(torch.where(probs >= mid[:, None], probs, 0.0).sum(dim=-1), dist.ReduceOp.SUM, group)

@@ -14,6 +14,7 @@ and losses are computed there; everything a loss is divided by is global to the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -53,7 +54,7 @@ def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tens
     return t
 
 
-def sequences_from_rollout(rollout: Rollout, pad_token_id: int) -> MicroBatch:
+def sequences_from_rollout(rollout: Rollout) -> MicroBatch:
     """Next-token training view of a rollout: position t predicts token t+1.
 
     ``mask[b, t]`` is 1 where token t+1 belongs to row b's response (EOS included)."""
@@ -153,7 +154,7 @@ class Trainer:
                 rollout = generate(unwrap(self.model), prompt_ids, rows, self.sampling, groups=g,
                                    vocab_size=cfg.model.vocab_size, seed=self._sampling_seed(),
                                    max_sequence_length=cfg.model.max_position_embeddings)
-            batch = sequences_from_rollout(rollout, self.sampling.pad_token_id)
+            batch = sequences_from_rollout(rollout)
             total_response_tokens = float(_all_reduce(batch["mask"].sum().double(), group=g.dp_cp).item())
             if total_response_tokens == 0:
                 raise EmptyStepError(f"step {self.step + 1}: every response of the global batch is empty "
@@ -162,7 +163,7 @@ class Trainer:
             microbatches = split_rows(batch, cfg.trainer.micro_batch_size)
 
             # 3. the teacher scores the student's exact tokens, at the rollout temperature
-            with timer("teacher"):
+            with timer("teacher"), self._teacher_on_device():
                 teacher_lp = self._score(self.teacher, microbatches)
             # 4. the student's log-probs of its own samples (the PPO/GSPO "old" policy)
             with timer("old_logprobs"):
@@ -224,12 +225,23 @@ class Trainer:
         scored = [self.reward_fn(text, truth) for text, truth in zip(texts, truths)]
         return {k: torch.tensor([s[k] for s in scored], dtype=torch.float32) for k in ("reward", "acc", "format")}
 
+    @contextlib.contextmanager
+    def _teacher_on_device(self):
+        """With ``teacher.offload`` on GPUs the teacher lives in CPU memory outside its scoring phase."""
+        if not self.offload_teacher:
+            yield
+            return
+        self.teacher.cuda()
+        try:
+            yield
+        finally:
+            self.teacher.cpu()
+            torch.cuda.empty_cache()
+
     @torch.no_grad()
     def _score(self, model, microbatches: List[MicroBatch]) -> Optional[torch.Tensor]:
         """Sampled-token log-probs ``[B, T]`` from vocab shards (last stage; None elsewhere)."""
         g, cfg = self.groups, self.cfg
-        if model is self.teacher and self.offload_teacher:
-            model.cuda()
 
         def collect(logits_shard, mb):
             return {"logp": vocab_parallel_logprobs(logits_shard, mb["labels"], group=g.tp,
@@ -237,9 +249,6 @@ class Trainer:
                                                     vocab_size=cfg.model.vocab_size)}
 
         out = run_schedule(model, microbatches, collect_fn=collect, forward_only=True)
-        if model is self.teacher and self.offload_teacher:
-            model.cpu()
-            torch.cuda.empty_cache()
         return torch.cat([o["logp"] for o in out]) if g.is_last_stage else None
 
     def _optimizer_step(self, microbatches: List[MicroBatch]) -> Dict[str, float]:
