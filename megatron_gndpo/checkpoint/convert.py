@@ -6,14 +6,14 @@ any TP x PP. ``--tp/--pp`` therefore name the layout the checkpoint is meant for
 (heads, query groups, FFN width and layers must divide) and recorded, and the vocabulary is padded
 for it (``make_vocab_size_divisible_by x TP``), exactly as a model built at that layout pads it.
 
-Every function here runs in one process with megatron's groups already initialised at TP=PP=1
-(:func:`main` does that); the model's weights pass through CPU memory once.
+Every direction streams one decoder layer at a time (``hf_io`` / ``megatron_io``): peak memory is
+about one layer plus one safetensors shard, whatever the model's size. Tensors keep their dtype
+(a bf16 HF model becomes a bf16 checkpoint; megatron casts on load). Every function here runs in
+one process with megatron's groups initialised at TP=PP=1 (:func:`run` does that).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import shutil
 from pathlib import Path
@@ -21,51 +21,16 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
-from megatron_gndpo.checkpoint.dist_ckpt import read_meta, save_model_weights
-from megatron_gndpo.checkpoint.hf_mapping import global_to_hf, hf_to_global, model_config_from_hf
-from megatron_gndpo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_gndpo.checkpoint.dist_ckpt import read_meta
+from megatron_gndpo.checkpoint.hf_io import HFCheckpointReader, HFShardWriter, progress_bar
+from megatron_gndpo.checkpoint.hf_mapping import (hf_keys, hf_shapes, ignorable_hf_key, layer_from_hf, layer_to_hf,
+                                                  model_config_from_hf, non_layer_from_hf, non_layer_to_hf, pad_vocab)
+from megatron_gndpo.checkpoint.megatron_io import MegatronCheckpointReader, write_megatron_checkpoint
+from megatron_gndpo.config.schema import ModelConfig, ParallelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 HF_FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-FP32 = PrecisionConfig(params_dtype="float32", transformer_impl="local")
-
-
-def _progress(total: int, what: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    progress = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), transient=True)
-    return progress, progress.add_task(what, total=total)
-
-
-def read_hf_tensors(hf_dir: Path) -> Dict[str, torch.Tensor]:
-    """All tensors of a HF checkpoint (``model.safetensors`` or shards listed in its index)."""
-    from safetensors import safe_open
-
-    index = hf_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (hf_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{hf_dir} has no model.safetensors or model.safetensors.index.json")
-    out: Dict[str, torch.Tensor] = {}
-    progress, task = _progress(len(files), "reading safetensors")
-    with progress:
-        for name in files:
-            with safe_open(str(hf_dir / name), framework="pt") as f:
-                for key in f.keys():
-                    out[key] = f.get_tensor(key)
-            progress.advance(task)
-    return out
-
-
-def _build_model(cfg: ModelConfig, tp: int):
-    """The whole model in this one process, its vocabulary padded as a TP=``tp`` model pads it."""
-    from megatron_gndpo.models.provider import build_gpt_model
-
-    padded = dataclasses.replace(cfg, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by * tp)
-    return build_gpt_model(padded, ParallelConfig(), FP32, pre_process=True, post_process=True)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> List[str]:
@@ -78,40 +43,45 @@ def _copy_tokenizer(src: Path, dst: Path) -> List[str]:
     return copied
 
 
+def _parts(cfg: ModelConfig, non_layer, layer, what: str) -> Iterator[Tuple[Optional[int], Dict[str, torch.Tensor]]]:
+    """(None, non_layer()) then (i, layer(i)) for every decoder layer, under a progress bar; each
+    part is produced only when the consumer asks for it, so one part is in memory at a time."""
+    yield None, non_layer()
+    progress, task = progress_bar(cfg.num_hidden_layers, what)
+    with progress:
+        for i in range(cfg.num_hidden_layers):
+            yield i, layer(i)
+            progress.advance(task)
+
+
+def _check_layout(cfg: ModelConfig, tp: int, pp: int) -> int:
+    """Validates TP x PP for this model and returns the vocabulary padded for TP."""
+    ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp).check_model(cfg, "model")
+    return cfg.padded_vocab_size(tp)
+
+
 def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1) -> Dict[str, object]:
     """HF directory -> megatron dist-checkpoint (+ ``tokenizer/``) for a TP x PP layout."""
     from transformers import AutoConfig
-
-    from megatron_gndpo.models.weights import load_global_weights
 
     hf_path = Path(hf_dir)
     if not (hf_path / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir} has no config.json")
     hf_config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
     cfg = model_config_from_hf(hf_config)
-    ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp).check_model(cfg, "model")
-    padded = cfg.padded_vocab_size(tp)
-    weights = hf_to_global(read_hf_tensors(hf_path), cfg, padded)
-    model = _build_model(cfg, tp)
-    load_global_weights(model, weights)
-    save_model_weights(model, out_dir, cfg, {"tp": tp, "pp": pp}, hf_architecture=hf_config.model_type,
-                       dtype=str(next(iter(weights.values())).dtype).replace("torch.", ""))
+    padded = _check_layout(cfg, tp, pp)
+    with HFCheckpointReader(hf_path) as hf:
+        unexpected = sorted(set(hf.keys()) - set(hf_keys(cfg)) - {k for k in hf.keys() if ignorable_hf_key(k, cfg)})
+        if unexpected:
+            raise KeyError(f"Hugging Face checkpoint has tensors this {cfg.num_hidden_layers}-layer config does not "
+                           f"use: {unexpected[:5]}")
+        parts = _parts(cfg, lambda: non_layer_from_hf(hf.get, cfg, padded), lambda i: layer_from_hf(hf.get, cfg, i),
+                       "converting layers")
+        tensors = write_megatron_checkpoint(out_dir, cfg, tp, pp, parts, hf_architecture=hf_config.model_type)
     copied = _copy_tokenizer(hf_path, Path(out_dir) / "tokenizer")
-    return {"tensors": len(weights), "parameters": sum(t.numel() for t in weights.values()),
-            "padded_vocab": padded, "tokenizer_files": copied, "layout": {"tp": tp, "pp": pp}}
-
-
-def load_megatron_global(ckpt_dir: str) -> Tuple[ModelConfig, Dict[str, torch.Tensor], dict]:
-    """A dist-checkpoint's architecture, global weights and metadata."""
-    from megatron_gndpo.checkpoint.dist_ckpt import load_model_weights
-    from megatron_gndpo.models.weights import gather_global_weights
-
-    meta = read_meta(ckpt_dir)
-    cfg = ModelConfig(**meta["model"])
-    tp = meta["layout"].get("tp", 1)
-    model = _build_model(cfg, tp)
-    load_model_weights(model, ckpt_dir, cfg, "model")
-    return cfg, gather_global_weights(model), meta
+    return {"tensors": tensors, "parameters": sum(n for _, n in _hf_numels(cfg)), "padded_vocab": padded,
+            "dtype": read_meta(out_dir)["dtype"], "tokenizer_files": copied,
+            "layout": {"tp": tp, "pp": pp}}
 
 
 def _hf_config(cfg: ModelConfig, family: str, dtype: str):
@@ -128,72 +98,64 @@ def _hf_config(cfg: ModelConfig, family: str, dtype: str):
     return cls(**kwargs)
 
 
-def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> Iterator[Dict[str, torch.Tensor]]:
-    shard: Dict[str, torch.Tensor] = {}
-    size = 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shard and size + nbytes > max_bytes:
-            yield shard
-            shard, size = {}, 0
-        shard[key] = t
-        size += nbytes
-    if shard:
-        yield shard
+def _hf_numels(cfg: ModelConfig) -> List[Tuple[str, int]]:
+    """(HF name, element count) of every tensor, in writing order."""
+    shapes = hf_shapes(cfg)
+    return [(key, torch.Size(shapes[key.split(".", 3)[-1] if key.startswith("model.layers.") else key]).numel())
+            for key in hf_keys(cfg)]
 
 
 def megatron_to_hf(ckpt_dir: str, out_dir: str, *, family: Optional[str] = None,
                    max_shard_bytes: int = 5 * 1024 ** 3) -> Dict[str, object]:
     """Megatron dist-checkpoint -> HF directory: config.json, sharded safetensors with
     ``model.safetensors.index.json``, and the tokenizer files kept at import."""
-    from safetensors.torch import save_file
-
-    cfg, weights, meta = load_megatron_global(ckpt_dir)
+    src = MegatronCheckpointReader(ckpt_dir)
+    cfg, meta = src.cfg, src.meta
     family = family or meta.get("hf_architecture") or ("qwen3" if cfg.qk_layernorm else
                                                        "qwen2" if cfg.attention_bias else "llama")
     if family not in HF_FAMILIES:
         raise ValueError(f"unknown Hugging Face architecture {family!r}; supported: {', '.join(HF_FAMILIES)}")
-    tensors = global_to_hf(weights, cfg)
-    dtype = meta.get("dtype", "float32")
-    tensors = {k: t.to(getattr(torch, dtype)) for k, t in tensors.items()}
+    dtype = getattr(torch, meta["dtype"]) if "dtype" in meta else src.dtype
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _hf_config(cfg, family, dtype).save_pretrained(str(out))
-    shards = list(_shards(tensors, max_shard_bytes))
-    weight_map = {}
-    progress, task = _progress(len(shards), "writing safetensors")
-    with progress:
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-            progress.advance(task)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    _hf_config(cfg, family, str(dtype).replace("torch.", "")).save_pretrained(str(out))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    writer = HFShardWriter(out, [(key, n * itemsize) for key, n in _hf_numels(cfg)], max_shard_bytes)
+
+    def add(tensors: Mapping[str, torch.Tensor]) -> None:
+        for key, t in tensors.items():
+            writer.add(key, t.to(dtype))
+
+    with writer.progress:
+        non_layer = non_layer_to_hf(src.non_layer(), cfg)
+        add({"model.embed_tokens.weight": non_layer.pop("model.embed_tokens.weight")})
+        for i in range(cfg.num_hidden_layers):
+            add(layer_to_hf(src.layer(i), cfg, i))
+        add(non_layer)
+    summary = writer.finish()
     copied = _copy_tokenizer(Path(ckpt_dir) / "tokenizer", out)
-    return {"tensors": len(tensors), "shards": len(shards), "bytes": total, "family": family,
-            "tokenizer_files": copied}
+    return {**summary, "family": family, "dtype": str(dtype).replace("torch.", ""), "tokenizer_files": copied}
 
 
 def reshard(in_dir: str, out_dir: str, tp: int = 1, pp: int = 1) -> Dict[str, object]:
     """Re-save the weights of a dist-checkpoint (weights-only or a training checkpoint) for another
     TP x PP layout (vocabulary padding follows the new TP)."""
-    from megatron_gndpo.models.weights import load_global_weights
+    src = MegatronCheckpointReader(in_dir)
+    cfg = src.cfg
+    padded = _check_layout(cfg, tp, pp)
 
-    cfg, weights, meta = load_megatron_global(in_dir)
-    ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp).check_model(cfg, "model")
-    padded = cfg.padded_vocab_size(tp)
-    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        if key in weights:
-            w = weights[key][:cfg.vocab_size]
-            weights[key] = torch.cat([w, w.new_zeros(padded - cfg.vocab_size, *w.shape[1:])])
-    model = _build_model(cfg, tp)
-    load_global_weights(model, weights)
-    extra = {k: meta[k] for k in ("hf_architecture", "dtype") if k in meta}
-    save_model_weights(model, out_dir, cfg, {"tp": tp, "pp": pp}, **extra)
+    def non_layer():
+        tensors = src.non_layer()
+        for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            if key in tensors:
+                tensors[key] = pad_vocab(tensors[key][:cfg.vocab_size], padded)
+        return tensors
+
+    parts = _parts(cfg, non_layer, src.layer, "resharding layers")
+    extra = {k: src.meta[k] for k in ("hf_architecture",) if k in src.meta}
+    tensors = write_megatron_checkpoint(out_dir, cfg, tp, pp, parts, **extra)
     copied = _copy_tokenizer(Path(in_dir) / "tokenizer", Path(out_dir) / "tokenizer")
-    return {"tensors": len(weights), "layout": {"tp": tp, "pp": pp}, "from": meta["layout"], "tokenizer_files": copied}
+    return {"tensors": tensors, "layout": {"tp": tp, "pp": pp}, "from": src.layout, "tokenizer_files": copied}
 
 
 def add_arguments(parser) -> None:

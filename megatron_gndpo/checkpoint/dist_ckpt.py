@@ -107,10 +107,16 @@ def _save_atomically(state: Dict[str, Any], final: Path, model_config: ModelConf
     _barrier()
 
 
+def save_sharded_weights(sharded_state_dict: Dict[str, Any], path: str | os.PathLike, model_config: ModelConfig,
+                         layout: Dict[str, int], **extra) -> None:
+    """A weights-only dist-checkpoint from a model's sharded state dict (collective), written to
+    ``path.tmp`` and renamed."""
+    _save_atomically({"model": sharded_state_dict}, Path(path), model_config, layout, **extra)
+
+
 def save_model_weights(model, path: str | os.PathLike, model_config: ModelConfig, layout: Dict[str, int],
                        **extra) -> None:
-    """A weights-only dist-checkpoint of ``model`` (collective), written to ``path.tmp`` and renamed."""
-    _save_atomically({"model": model.sharded_state_dict()}, Path(path), model_config, layout, **extra)
+    save_sharded_weights(model.sharded_state_dict(), path, model_config, layout, **extra)
 
 
 def _rng_state() -> Dict[str, Any]:

@@ -1,5 +1,9 @@
 """Hugging Face (Llama / Qwen2 / Qwen3) <-> megatron's layout-free weights (see models/weights.py).
 
+Every transform works one decoder layer at a time (``layer_from_hf`` / ``layer_to_hf``), so the
+converter streams a checkpoint layer by layer and the rollout weight sync maps what one TP group
+has just gathered; ``hf_to_global`` / ``global_to_hf`` are the whole-model compositions.
+
 The megatron side is the global form of ``sharded_state_dict``: per-layer tensors stacked along a
 leading layer axis under one key, SwiGLU fc1 as [gate; up], QKV interleaved per query group
 ([q heads of group g; k_g; v_g] for each g), vocabulary padded. One table of renames plus two
@@ -8,7 +12,7 @@ reusable transforms (QKV, gated MLP) covers the family; the rollout weight sync 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Tuple
+from typing import Callable, Dict, List, Mapping, Tuple
 
 import torch
 
@@ -100,56 +104,106 @@ def hf_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
     }
 
 
-def hf_to_global(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int) -> Dict[str, torch.Tensor]:
-    """HF state dict -> megatron global weights. Missing or unexpected HF tensors are named."""
-    used = set()
-
+def _checked(get: Callable[[str], torch.Tensor], cfg: ModelConfig) -> Callable[[str], torch.Tensor]:
+    """``get`` with every tensor's shape checked against the config (the HF key is named)."""
     shapes = hf_shapes(cfg)
 
-    def take(key):
-        if key not in hf:
-            raise KeyError(f"Hugging Face checkpoint has no tensor {key!r}")
+    def take(key: str) -> torch.Tensor:
+        t = get(key)
         want = shapes[key.split(".", 3)[-1] if key.startswith("model.layers.") else key]
-        if tuple(hf[key].shape) != want:
-            raise ValueError(f"Hugging Face tensor {key!r} has shape {tuple(hf[key].shape)}, the config implies {want}")
-        used.add(key)
-        return hf[key]
+        if tuple(t.shape) != want:
+            raise ValueError(f"Hugging Face tensor {key!r} has shape {tuple(t.shape)}, the config implies {want}")
+        return t
 
-    def pad_vocab(w):
-        return torch.cat([w, w.new_zeros(padded_vocab - w.shape[0], *w.shape[1:])])
+    return take
 
-    out = {"embedding.word_embeddings.weight": pad_vocab(take("model.embed_tokens.weight")),
-           "decoder.final_layernorm.weight": take("model.norm.weight")}
-    if not cfg.tie_word_embeddings:
-        out["output_layer.weight"] = pad_vocab(take("lm_head.weight"))
+
+def pad_vocab(w: torch.Tensor, padded_vocab: int) -> torch.Tensor:
+    return torch.cat([w, w.new_zeros(padded_vocab - w.shape[0], *w.shape[1:])])
+
+
+def hf_keys(cfg: ModelConfig) -> List[str]:
+    """Every HF tensor name of this architecture, in the order the converter writes them."""
     renames, fused = _layer_keys(cfg)
-    n = cfg.num_hidden_layers
-    for key in renames:
-        out[key] = torch.stack([take(f"model.layers.{i}.{LAYER_RENAMES[key]}") for i in range(n)])
+    per_layer = [LAYER_RENAMES[k] for k in renames] + [p for k in fused for p in LAYER_FUSED[k][2]]
+    keys = ["model.embed_tokens.weight"]
+    keys += [f"model.layers.{i}.{p}" for i in range(cfg.num_hidden_layers) for p in per_layer]
+    keys.append("model.norm.weight")
+    if not cfg.tie_word_embeddings:
+        keys.append("lm_head.weight")
+    return keys
+
+
+def ignorable_hf_key(key: str, cfg: ModelConfig) -> bool:
+    """HF tensors that carry nothing megatron keeps: rotary caches, and a tied model's lm_head copy."""
+    return key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and cfg.tie_word_embeddings)
+
+
+def non_layer_from_hf(get: Callable[[str], torch.Tensor], cfg: ModelConfig, padded_vocab: int) -> Dict[str, torch.Tensor]:
+    """Embedding, final norm and (untied) output layer, vocabulary padded to ``padded_vocab`` rows."""
+    get = _checked(get, cfg)
+    out = {"embedding.word_embeddings.weight": pad_vocab(get("model.embed_tokens.weight"), padded_vocab),
+           "decoder.final_layernorm.weight": get("model.norm.weight")}
+    if not cfg.tie_word_embeddings:
+        out["output_layer.weight"] = pad_vocab(get("lm_head.weight"), padded_vocab)
+    return out
+
+
+def layer_from_hf(get: Callable[[str], torch.Tensor], cfg: ModelConfig, i: int) -> Dict[str, torch.Tensor]:
+    """Layer ``i``'s HF tensors (fetched by ``get``) -> stacked megatron key -> that layer's slice."""
+    get = _checked(get, cfg)
+    renames, fused = _layer_keys(cfg)
+    out = {key: get(f"model.layers.{i}.{LAYER_RENAMES[key]}") for key in renames}
     for key in fused:
         merge, _, parts = LAYER_FUSED[key]
-        out[key] = torch.stack([merge(cfg, *(take(f"model.layers.{i}.{p}") for p in parts)) for i in range(n)])
-    unexpected = sorted(set(hf) - used - {"lm_head.weight"} - {k for k in hf if k.endswith("rotary_emb.inv_freq")})
+        out[key] = merge(cfg, *(get(f"model.layers.{i}.{p}") for p in parts))
+    return out
+
+
+def non_layer_to_hf(weights: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+    """Embedding, final norm and output layer -> HF (padded vocabulary rows dropped). Maps those of
+    them ``weights`` holds (a pipeline stage has some), ignoring any layer tensors."""
+    v = cfg.vocab_size
+    names = {"embedding.word_embeddings.weight": ("model.embed_tokens.weight", v),
+             "decoder.final_layernorm.weight": ("model.norm.weight", None)}
+    if not cfg.tie_word_embeddings:
+        names["output_layer.weight"] = ("lm_head.weight", v)
+    return {hf: (weights[key][:rows] if rows else weights[key]).contiguous()
+            for key, (hf, rows) in names.items() if key in weights}
+
+
+def layer_to_hf(layer: Mapping[str, torch.Tensor], cfg: ModelConfig, i: int) -> Dict[str, torch.Tensor]:
+    """Stacked megatron key -> layer ``i``'s slice  =>  HF name -> tensor."""
+    renames, fused = _layer_keys(cfg)
+    out = {f"model.layers.{i}.{LAYER_RENAMES[key]}": layer[key] for key in renames}
+    for key in fused:
+        _, split, parts = LAYER_FUSED[key]
+        for p, piece in zip(parts, split(cfg, layer[key])):
+            out[f"model.layers.{i}.{p}"] = piece
+    return {k: t.contiguous() for k, t in out.items()}
+
+
+def hf_to_global(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int) -> Dict[str, torch.Tensor]:
+    """A whole HF state dict -> megatron global weights. Missing or unexpected HF tensors are named."""
+    def get(key):
+        if key not in hf:
+            raise KeyError(f"Hugging Face checkpoint has no tensor {key!r}")
+        return hf[key]
+
+    unexpected = sorted(k for k in set(hf) - set(hf_keys(cfg)) if not ignorable_hf_key(k, cfg))
     if unexpected:
         raise KeyError(f"Hugging Face checkpoint has tensors this {cfg.num_hidden_layers}-layer config does not use: "
                        f"{unexpected[:5]}")
+    out = non_layer_from_hf(get, cfg, padded_vocab)
+    layers = [layer_from_hf(get, cfg, i) for i in range(cfg.num_hidden_layers)]
+    out.update({key: torch.stack([layer[key] for layer in layers]) for key in layers[0]})
     return out
 
 
 def global_to_hf(weights: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
     """Megatron global weights -> HF state dict (padded vocabulary rows dropped)."""
-    v = cfg.vocab_size
-    out = {"model.embed_tokens.weight": weights["embedding.word_embeddings.weight"][:v],
-           "model.norm.weight": weights["decoder.final_layernorm.weight"]}
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = weights["output_layer.weight"][:v]
-    renames, fused = _layer_keys(cfg)
-    for key in renames:
-        for i, t in enumerate(weights[key]):
-            out[f"model.layers.{i}.{LAYER_RENAMES[key]}"] = t
-    for key in fused:
-        _, split, parts = LAYER_FUSED[key]
-        for i, t in enumerate(weights[key]):
-            for p, piece in zip(parts, split(cfg, t)):
-                out[f"model.layers.{i}.{p}"] = piece
-    return {k: t.contiguous() for k, t in out.items()}
+    out = non_layer_to_hf(weights, cfg)
+    stacked = [k for k in weights if k.startswith(L)]
+    for i in range(cfg.num_hidden_layers):
+        out.update(layer_to_hf({k: weights[k][i] for k in stacked}, cfg, i))
+    return out

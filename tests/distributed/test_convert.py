@@ -165,3 +165,50 @@ def test_conversion_errors_name_the_problem(tmp_path):
     config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     assert "gpt2" in err("hf_to_megatron", str(hf), str(tmp_path / "o5"))
+
+
+def _load_fp32_at_tp2(groups, ckpt):
+    """A bf16 checkpoint loaded into a float32 model at TP=2, gathered back to HF names."""
+    from megatron_gndpo.checkpoint.dist_ckpt import load_model_weights, read_meta
+    from megatron_gndpo.checkpoint.hf_mapping import global_to_hf
+    from megatron_gndpo.config.schema import ModelConfig
+    from megatron_gndpo.models.provider import build_gpt_model
+    from megatron_gndpo.models.weights import gather_global_weights
+
+    cfg = ModelConfig(**read_meta(ckpt)["model"])
+    model = build_gpt_model(cfg, common.parallel(2), common.FP32, pre_process=True, post_process=True)
+    load_model_weights(model, ckpt, cfg, "model")
+    return global_to_hf(gather_global_weights(model), cfg)
+
+
+def _to_hf_in_small_shards(groups, src, dst):
+    return _convert(groups, "megatron_to_hf", src, dst, max_shard_bytes=64 * 1024)
+
+
+def test_bf16_checkpoint_streams_in_its_own_dtype(tmp_path):
+    """A bf16 HF model stays bf16 on disk (no silent fp32 doubling), loads into a float32 model at TP=2
+    exactly, and comes back bit-exact across several output shards."""
+    from safetensors.torch import load_file
+
+    hf = _hf_model("qwen3", False).to(torch.bfloat16)
+    hf.save_pretrained(str(tmp_path / "hf"), max_shard_size="100KB")
+    ref = hf.state_dict()
+    summary = run_distributed(_convert, 1, args=("hf_to_megatron", str(tmp_path / "hf"), str(tmp_path / "mg"), 2))[0]
+    assert summary["dtype"] == "bfloat16"
+    loaded = run_distributed(_load_fp32_at_tp2, 2, args=(str(tmp_path / "mg"),))[0]
+    for k, v in ref.items():
+        assert loaded[k].dtype == torch.float32 and torch.equal(loaded[k], v.float()), k
+
+    summary = run_distributed(_to_hf_in_small_shards, 1, args=(str(tmp_path / "mg"), str(tmp_path / "back")))[0]
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert summary["shards"] == len(files) > 1 and files[-1].endswith(f"-of-{len(files):05d}.safetensors")
+    back = {}
+    for name in files:
+        shard = load_file(str(tmp_path / "back" / name))
+        assert sum(t.numel() * t.element_size() for t in shard.values()) <= 64 * 1024 or len(shard) == 1
+        assert {k for k, f in index["weight_map"].items() if f == name} == set(shard)
+        back.update(shard)
+    assert set(back) == set(ref)
+    for k, v in ref.items():
+        assert back[k].dtype == torch.bfloat16 and torch.equal(back[k], v), k

@@ -1,0 +1,191 @@
+"""Megatron dist-checkpoints read and written one decoder layer at a time, in one process.
+
+Both sides start from the ``sharded_state_dict`` of a model built on the *meta* device (no
+memory) at TP=PP=1: it names every tensor with megatron's own layout-free key, offsets, factories
+and extra-state objects, so what we write is exactly what a model at any TP x PP loads.
+
+- Reading (:class:`MegatronCheckpointReader`): one layer's block of every stacked tensor, read
+  from the checkpoint (a torch DCP one in megatron's ``torch_dist`` format) into fresh tensors.
+- Writing (:func:`write_megatron_checkpoint`): megatron's saver needs every tensor at once, so each
+  converted layer is appended to a memory-mapped scratch file next to the output and the state dict
+  points into it. The page cache, not the process, holds the model while it is written, and the
+  scratch file is deleted afterwards; its size is the checkpoint's.
+
+Megatron's parallel groups must be initialised at TP=PP=1 (``convert.run`` does it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+
+from megatron_gndpo.checkpoint.dist_ckpt import read_meta, save_sharded_weights
+from megatron_gndpo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
+
+META_PRECISION = PrecisionConfig(params_dtype="float32", transformer_impl="local")
+
+
+def _meta_sharded_state_dict(cfg: ModelConfig, tp: int) -> dict:
+    """The sharded state dict of the whole model (one process), its vocabulary padded as a model at
+    TP=``tp`` pads it; tensors live on the meta device."""
+    from megatron_gndpo.models.provider import build_gpt_model
+
+    padded = dataclasses.replace(cfg, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by * tp)
+    with torch.device("meta"):
+        model = build_gpt_model(padded, ParallelConfig(), META_PRECISION, pre_process=True, post_process=True)
+    return model.sharded_state_dict()
+
+
+def _entries(sharded: Mapping[str, object]) -> Iterator[Tuple[str, object, Optional[int]]]:
+    """(state-dict name, ShardedTensor or factory, decoder layer or None) for every tensor entry."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    for name, item in sharded.items():
+        if isinstance(item, ShardedTensorFactory):
+            built = item.build()
+            first = next(iter(built.values() if isinstance(built, Mapping) else built))
+        elif isinstance(item, ShardedTensor):
+            first = item
+        else:  # ShardedObject (layers' extra state): no tensor
+            continue
+        yield name, item, (first.global_offset[0] if first.prepend_axis_num else None)
+
+
+def _with_data(item, data: torch.Tensor):
+    if tuple(data.shape) != tuple(item.data.shape):
+        raise ValueError(f"tensor {item.key!r} has shape {tuple(data.shape)}, the model expects {tuple(item.data.shape)}")
+    dtype = {"dtype": data.dtype} if "dtype" in {f.name for f in dataclasses.fields(item)} else {}
+    return dataclasses.replace(item, data=data, **dtype)
+
+
+def _chunk_reader_planner(requests: Mapping[str, Tuple[Tuple[int, ...], torch.Tensor]]):
+    """A torch DCP load planner that fills ``buffer`` with the block of stored tensor ``key`` that
+    starts at ``offsets`` (key -> (offsets, buffer)); DCP intersects it with the stored chunks.
+
+    Megatron's own ``dist_checkpointing.load`` cannot do this in one process: it rebuilds each
+    tensor's whole shard grid and, with a world of one, counts the other layers' chunks as local.
+    Its ``torch_dist`` format is a DCP checkpoint keyed by the sharded keys, so reading it through
+    DCP's public planner API is the supported way to take one block.
+    """
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class ChunkReader(DefaultLoadPlanner):
+        def create_local_plan(self) -> LoadPlan:
+            items = []
+            for key, (offsets, buffer) in requests.items():
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buffer.shape)
+                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+            return LoadPlan(items)
+
+        def resolve_tensor(self, read_item) -> torch.Tensor:
+            view = requests[read_item.dest_index.fqn][1]
+            for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                view = view.narrow(dim, start, length)
+            return view
+
+        def commit_tensor(self, read_item, tensor) -> None:
+            pass
+
+    return ChunkReader()
+
+
+class MegatronCheckpointReader:
+    """Weights of a megatron-gndpo dist-checkpoint (weights-only or training), layer by layer."""
+
+    def __init__(self, ckpt_dir: str | Path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.ckpt_dir = str(ckpt_dir)
+        self.meta = read_meta(ckpt_dir)
+        self.cfg = ModelConfig(**self.meta["model"])
+        self.layout = self.meta["layout"]
+        self._stored = FileSystemReader(self.ckpt_dir).read_metadata().state_dict_metadata
+        # key -> (stored global shape, stacked over layers?) for every weight the model has
+        self._keys: Dict[str, Tuple[torch.Size, bool]] = {}
+        for _, item, layer in _entries(_meta_sharded_state_dict(self.cfg, self.layout.get("tp", 1))):
+            if item.key not in self._stored:
+                raise KeyError(f"{ckpt_dir} has no tensor {item.key!r}; is it a checkpoint of this architecture?")
+            self._keys[item.key] = (self._stored[item.key].size, layer is not None)
+        self.dtype = self._stored["embedding.word_embeddings.weight"].properties.dtype
+
+    def _read(self, requests: Dict[str, Tuple[Tuple[int, ...], torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load({}, storage_reader=dcp.FileSystemReader(self.ckpt_dir), planner=_chunk_reader_planner(requests),
+                 no_dist=True)
+        return {key: buffer for key, (_, buffer) in requests.items()}
+
+    def non_layer(self) -> Dict[str, torch.Tensor]:
+        """Embedding, final norm and output layer (vocabulary padded as stored)."""
+        return self._read({key: ((0,) * len(shape), torch.empty(shape, dtype=self.dtype))
+                           for key, (shape, stacked) in self._keys.items() if not stacked})
+
+    def layer(self, i: int) -> Dict[str, torch.Tensor]:
+        """Stacked key -> decoder layer ``i``'s tensor."""
+        out = self._read({key: ((i,) + (0,) * (len(shape) - 1), torch.empty((1, *shape[1:]), dtype=self.dtype))
+                          for key, (shape, stacked) in self._keys.items() if stacked})
+        return {key: t[0] for key, t in out.items()}
+
+
+class _ScratchFile:
+    """Tensors appended to one file and handed back memory-mapped (each its own mapping, so
+    megatron's saver sees whole storages and never clones them)."""
+
+    ALIGN = 64
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "wb")
+        self._offset = 0
+
+    def put(self, tensor: torch.Tensor) -> torch.Tensor:
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(raw))
+        self._file.flush()
+        mapped = np.memmap(self.path, dtype=np.uint8, mode="r+", offset=self._offset, shape=(raw.size,))
+        self._offset += raw.size
+        pad = -self._offset % self.ALIGN
+        self._file.write(b"\0" * pad)
+        self._offset += pad
+        return torch.from_numpy(mapped).view(tensor.dtype).view(tensor.shape)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def write_megatron_checkpoint(out_dir: str | Path, cfg: ModelConfig, tp: int, pp: int,
+                              parts: Iterable[Tuple[Optional[int], Mapping[str, torch.Tensor]]], **meta) -> int:
+    """A weights-only dist-checkpoint for a TP x PP layout from ``parts``: (None, the non-layer
+    tensors, vocabulary padded for ``tp``) and (layer i, stacked key -> tensor) in any order, each
+    dropped once staged. Every tensor the model has must be supplied (a missing one is named); the
+    stored dtype is recorded in the metadata. Returns the number of tensors written."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch_path = out.parent / f".{out.name}.scratch"
+    scratch = _ScratchFile(scratch_path)
+    try:
+        staged = {}
+        for layer, tensors in parts:
+            staged.update({(key, layer): scratch.put(t) for key, t in tensors.items()})
+        scratch.close()
+        dtype = str(staged[("embedding.word_embeddings.weight", None)].dtype).replace("torch.", "")
+        sharded = _meta_sharded_state_dict(cfg, tp)
+        for name, item, layer in _entries(sharded):
+            if (item.key, layer) not in staged:
+                where = "" if layer is None else f" of layer {layer}"
+                raise KeyError(f"no tensor was given for {item.key!r}{where}")
+            sharded[name] = _with_data(item, staged.pop((item.key, layer)))
+        if staged:
+            raise KeyError(f"tensors the {cfg.num_hidden_layers}-layer model does not have: {sorted(map(str, staged))[:5]}")
+        save_sharded_weights(sharded, out, cfg, {"tp": tp, "pp": pp}, **{**meta, "dtype": dtype})
+        return sum(1 for _ in _entries(sharded))
+    finally:
+        scratch.close()
+        scratch_path.unlink(missing_ok=True)
