@@ -158,6 +158,25 @@ def reshard(in_dir: str, out_dir: str, tp: int = 1, pp: int = 1) -> Dict[str, ob
     return {"tensors": tensors, "layout": {"tp": tp, "pp": pp}, "from": src.layout, "tokenizer_files": copied}
 
 
+def _return_freed_memory_to_the_os() -> None:
+    """Streaming allocates and frees a layer's tensors per iteration; glibc keeps freed blocks of
+    that size in its heap, which fragments, so resident memory crept up with depth (measured: about
+    +0.09 GiB per layer of a 1.6 GiB model, flat with this). Allocations above 64 KiB are then
+    mmap-backed and unmapped when freed."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    if libc is not None and hasattr(libc, "mallopt"):  # glibc; elsewhere the allocator's default stands
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 64 * 1024)
+        libc.mallopt(m_trim_threshold, 0)
+
+
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("hf-to-megatron", help="Hugging Face directory -> megatron dist-checkpoint")
@@ -182,6 +201,7 @@ def run(args) -> int:
 
     from megatron_gndpo.distributed.init import destroy_parallel, init_parallel
 
+    _return_freed_memory_to_the_os()
     init_parallel(ParallelConfig(), seed=0)
     try:
         if args.command == "hf-to-megatron":

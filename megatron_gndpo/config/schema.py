@@ -179,7 +179,8 @@ class RolloutConfig:
     """How the student samples responses (vLLM's parameter names)."""
 
     engine: Literal["megatron", "vllm"] = "megatron"
-    """'megatron': the embedded KV-cached sampler on the training weights (any TP x PP); 'vllm': GPU only."""
+    """'megatron': the embedded KV-cached sampler on the training weights (any TP x PP). 'vllm' is
+    reserved: its weight sync exists (``rollout/weight_sync.py``), the engine awaits a GPU to be verified."""
     n_samples: int = 16
     """Responses per prompt (reference: 16)."""
     temperature: float = 1.0
@@ -192,6 +193,9 @@ class RolloutConfig:
     """Longest response."""
 
     def __post_init__(self):
+        _check(self.engine == "megatron",
+               "rollout.engine='vllm' is not available in this release (the vLLM engine has not been verified on "
+               "a GPU yet; its weight sync, rollout/weight_sync.py, is ready): use rollout.engine='megatron'")
         _check(self.n_samples >= 1, f"rollout.n_samples must be >= 1, got {self.n_samples}")
         _check(self.temperature > 0, f"rollout.temperature must be > 0 for training rollouts, got {self.temperature}")
         _check(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")

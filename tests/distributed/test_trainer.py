@@ -3,6 +3,7 @@ saves, and the bad inputs of DESIGN.md §3.5."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,36 @@ def _empty_step(groups, tmp):
 def test_all_empty_responses_is_a_clear_error(workdir):
     msg = run_distributed(_empty_step, 2, args=(str(workdir),))[0]
     assert msg is not None and "every response" in msg and "step 1" in msg
+
+
+def _one_step_saved(groups, tmp):
+    cfg = _config(tmp, [f"trainer.output_dir={tmp}/export"])
+    trainer = _trainer(groups, cfg)
+    trainer.train_step()
+    path = trainer.save()
+    return str(path), _weights(trainer), dataclasses.asdict(cfg.model)
+
+
+def _export(groups, ckpt, out):
+    from megatron_gndpo.checkpoint.convert import megatron_to_hf
+
+    return megatron_to_hf(ckpt, out, family="llama")
+
+
+def test_training_checkpoint_exports_to_hf(workdir):
+    """A checkpoint the trainer wrote (model + optimizer + RNG state) exports to HF with the trained weights."""
+    from safetensors.torch import load_file
+
+    from megatron_gndpo.checkpoint.hf_mapping import global_to_hf
+    from megatron_gndpo.config.schema import ModelConfig
+
+    ckpt, weights, arch = run_distributed(_one_step_saved, 1, args=(str(workdir),))[0]
+    out = Path(workdir) / "export_hf"
+    run_distributed(_export, 1, args=(ckpt, str(out)))
+    exported = {}
+    for name in out.glob("*.safetensors"):
+        exported.update(load_file(str(name)))
+    expected = global_to_hf(weights, ModelConfig(**arch))
+    assert set(exported) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(exported[k], v), k
