@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_gndpo.checkpoint.hf_mapping import hf_keys, hf_shapes  # noqa: E402
+from megatron_gndpo.checkpoint.hf_mapping import hf_tensor_shapes  # noqa: E402
 from megatron_gndpo.config.schema import ModelConfig  # noqa: E402
 
 GB = 1024 ** 3
@@ -78,18 +78,13 @@ def write_hf(cfg: ModelConfig, out: Path, shard_bytes: int) -> tuple[int, int]:
                 num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
                 num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, tie_word_embeddings=False,
                 torch_dtype="bfloat16").save_pretrained(out)
-    shapes = hf_shapes(cfg)
-    keys = hf_keys(cfg)
-
-    def shape(key):
-        return shapes[key.split(".", 3)[-1] if key.startswith("model.layers.") else key]
-
-    sizes = [(k, 2 * torch.Size(shape(k)).numel()) for k in keys]
+    shapes = hf_tensor_shapes(cfg)
+    sizes = [(k, 2 * torch.Size(shape).numel()) for k, shape in shapes.items()]
     shards = plan_shards(sizes, shard_bytes)
     weight_map = {}
     for i, names in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: (torch.randn(shape(k)) * 0.02).to(torch.bfloat16) for k in names}, str(out / name))
+        save_file({k: (torch.randn(shapes[k]) * 0.02).to(torch.bfloat16) for k in names}, str(out / name))
         weight_map.update({k: name for k in names})
     total = sum(n for _, n in sizes)
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},

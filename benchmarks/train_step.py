@@ -91,13 +91,25 @@ def _batches(cfg: ModelConfig, n: int, mbs: int, seq: int, device):
     return out
 
 
-def _sync():
-    if torch.cuda.is_available():
+def _timed(fn, *, steps: int, warmup: int) -> tuple[float, float | None]:
+    """(seconds for ``steps`` calls after ``warmup`` calls, peak GiB allocated during them on CUDA)."""
+    cuda = torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    if cuda:
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, (torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)
 
 
 def measure(cfg: ModelConfig, precision: PrecisionConfig, *, seq: int, mbs: int, microbatches: int, steps: int,
             warmup: int) -> dict:
+    """Models are built on the GPU when there is one (megatron initialises on the current device)."""
     from megatron_gndpo.models.provider import build_gpt_model
     from megatron_gndpo.models.student import build_optimizer, build_student
     from megatron_gndpo.ops.vocab_parallel import vocab_parallel_logprobs
@@ -110,8 +122,6 @@ def measure(cfg: ModelConfig, precision: PrecisionConfig, *, seq: int, mbs: int,
     result = {}
 
     model = build_student(cfg, parallel, precision, pre_process=True, post_process=True)
-    if device.type == "cuda":
-        model.cuda()
     optimizer = build_optimizer(OptimConfig(lr=1e-5), precision, parallel, model)
 
     def loss_fn(logits, batch):
@@ -124,42 +134,21 @@ def measure(cfg: ModelConfig, precision: PrecisionConfig, *, seq: int, mbs: int,
         run_schedule(model, batches, loss_fn=loss_fn, forward_only=False)
         optimizer.step()
 
-    for _ in range(warmup):
-        train_iter()
-    _sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_iter()
-    _sync()
-    elapsed = time.perf_counter() - start
-    result["train_tokens_per_s"] = steps * tokens_per_iter / elapsed
-    result["train_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    seconds, result["train_peak_gib"] = _timed(train_iter, steps=steps, warmup=warmup)
+    result["train_tokens_per_s"] = steps * tokens_per_iter / seconds
     model = optimizer = None  # free the student before the teacher is built
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     teacher = build_gpt_model(cfg, parallel, precision, pre_process=True, post_process=True).eval()
-    if device.type == "cuda":
-        teacher.cuda()
 
     def score():
         with torch.no_grad():
             run_schedule(teacher, batches, forward_only=True,
                          collect_fn=lambda logits, b: {"lp": vocab_parallel_logprobs(logits.float(), b["targets"])})
 
-    for _ in range(warmup):
-        score()
-    _sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        score()
-    _sync()
-    result["score_tokens_per_s"] = steps * tokens_per_iter / (time.perf_counter() - start)
-    result["score_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    seconds, result["score_peak_gib"] = _timed(score, steps=steps, warmup=warmup)
+    result["score_tokens_per_s"] = steps * tokens_per_iter / seconds
     return result
 
 
@@ -206,16 +195,16 @@ def main() -> None:
           f"per step, {device}, torch {torch.__version__}")
     print(f"{'variant':<12}{'train tok/s':>13}{'MFU':>7}{'peak GiB':>10}{'score tok/s':>13}{'MFU':>7}{'peak GiB':>10}")
 
-    def fmt(v, spec):
-        return format(v, spec) if v is not None else "-"
+    def fmt(v, width: int, spec: str) -> str:
+        return f"{format(v, spec) if v is not None else '-':>{width}}"
 
     for name, r in rows.items():
         if "skipped" in r:
             print(f"{name:<12}skipped: {r['skipped']}")
             continue
-        print(f"{name:<12}{r['train_tokens_per_s']:>13.0f}{fmt(r.get('train_mfu'), '>7.1%')}"
-              f"{fmt(r['train_peak_gib'], '>10.1f')}{r['score_tokens_per_s']:>13.0f}{fmt(r.get('score_mfu'), '>7.1%')}"
-              f"{fmt(r['score_peak_gib'], '>10.1f')}")
+        print(f"{name:<12}{r['train_tokens_per_s']:>13.0f}{fmt(r.get('train_mfu'), 7, '.1%')}"
+              f"{fmt(r['train_peak_gib'], 10, '.1f')}{r['score_tokens_per_s']:>13.0f}{fmt(r.get('score_mfu'), 7, '.1%')}"
+              f"{fmt(r['score_peak_gib'], 10, '.1f')}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"preset": args.preset, "seq": seq, "device": device, "peak_tflops": peak,
                                           "torch": torch.__version__, "parameters": total,

@@ -21,9 +21,8 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
-from megatron_gndpo.checkpoint.dist_ckpt import read_meta
 from megatron_gndpo.checkpoint.hf_io import HFCheckpointReader, HFShardWriter, progress_bar
-from megatron_gndpo.checkpoint.hf_mapping import (hf_keys, hf_shapes, ignorable_hf_key, layer_from_hf, layer_to_hf,
+from megatron_gndpo.checkpoint.hf_mapping import (hf_tensor_shapes, ignorable_hf_key, layer_from_hf, layer_to_hf,
                                                   model_config_from_hf, non_layer_from_hf, non_layer_to_hf, pad_vocab)
 from megatron_gndpo.checkpoint.megatron_io import MegatronCheckpointReader, write_megatron_checkpoint
 from megatron_gndpo.config.schema import ModelConfig, ParallelConfig
@@ -71,16 +70,16 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1) -> Dict[
     cfg = model_config_from_hf(hf_config)
     padded = _check_layout(cfg, tp, pp)
     with HFCheckpointReader(hf_path) as hf:
-        unexpected = sorted(set(hf.keys()) - set(hf_keys(cfg)) - {k for k in hf.keys() if ignorable_hf_key(k, cfg)})
+        unexpected = sorted(set(hf.keys()) - set(hf_tensor_shapes(cfg)) - {k for k in hf.keys() if ignorable_hf_key(k, cfg)})
         if unexpected:
             raise KeyError(f"Hugging Face checkpoint has tensors this {cfg.num_hidden_layers}-layer config does not "
                            f"use: {unexpected[:5]}")
         parts = _parts(cfg, lambda: non_layer_from_hf(hf.get, cfg, padded), lambda i: layer_from_hf(hf.get, cfg, i),
                        "converting layers")
-        tensors = write_megatron_checkpoint(out_dir, cfg, tp, pp, parts, hf_architecture=hf_config.model_type)
+        written = write_megatron_checkpoint(out_dir, cfg, tp, pp, parts, hf_architecture=hf_config.model_type)
     copied = _copy_tokenizer(hf_path, Path(out_dir) / "tokenizer")
-    return {"tensors": tensors, "parameters": sum(n for _, n in _hf_numels(cfg)), "padded_vocab": padded,
-            "dtype": read_meta(out_dir)["dtype"], "tokenizer_files": copied,
+    return {"tensors": written["tensors"], "parameters": sum(n for _, n in _hf_numels(cfg)), "padded_vocab": padded,
+            "dtype": written["dtype"], "tokenizer_files": copied,
             "layout": {"tp": tp, "pp": pp}}
 
 
@@ -100,9 +99,7 @@ def _hf_config(cfg: ModelConfig, family: str, dtype: str):
 
 def _hf_numels(cfg: ModelConfig) -> List[Tuple[str, int]]:
     """(HF name, element count) of every tensor, in writing order."""
-    shapes = hf_shapes(cfg)
-    return [(key, torch.Size(shapes[key.split(".", 3)[-1] if key.startswith("model.layers.") else key]).numel())
-            for key in hf_keys(cfg)]
+    return [(key, torch.Size(shape).numel()) for key, shape in hf_tensor_shapes(cfg).items()]
 
 
 def megatron_to_hf(ckpt_dir: str, out_dir: str, *, family: Optional[str] = None,
@@ -153,9 +150,10 @@ def reshard(in_dir: str, out_dir: str, tp: int = 1, pp: int = 1) -> Dict[str, ob
 
     parts = _parts(cfg, non_layer, src.layer, "resharding layers")
     extra = {k: src.meta[k] for k in ("hf_architecture",) if k in src.meta}
-    tensors = write_megatron_checkpoint(out_dir, cfg, tp, pp, parts, **extra)
+    written = write_megatron_checkpoint(out_dir, cfg, tp, pp, parts, **extra)
     copied = _copy_tokenizer(Path(in_dir) / "tokenizer", Path(out_dir) / "tokenizer")
-    return {"tensors": tensors, "layout": {"tp": tp, "pp": pp}, "from": src.layout, "tokenizer_files": copied}
+    return {"tensors": written["tensors"], "layout": {"tp": tp, "pp": pp}, "from": src.layout,
+            "tokenizer_files": copied}
 
 
 def _return_freed_memory_to_the_os() -> None:

@@ -105,7 +105,7 @@ class HFShardWriter:
         self._names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._shard_of = {key: i for i, keys in enumerate(self._shards) for key in keys}
         self._pending: Dict[int, Dict[str, torch.Tensor]] = {}
-        self._written: List[int] = []
+        self._added = set()
         self.progress, self._task = progress_bar(n, "writing safetensors")
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
@@ -119,15 +119,14 @@ class HFShardWriter:
         i = self._shard_of[key]
         shard = self._pending.setdefault(i, {})
         shard[key] = tensor.contiguous()
+        self._added.add(key)
         if len(shard) == len(self._shards[i]):
             save_file(self._pending.pop(i), str(self.out_dir / self._names[i]), metadata={"format": "pt"})
-            self._written.append(i)
             self.progress.advance(self._task)
 
     def finish(self) -> Dict[str, object]:
         """Writes the index; every planned tensor must have been added."""
-        missing = [key for i, keys in enumerate(self._shards) if i not in self._written for key in keys
-                   if key not in self._pending.get(i, {})]
+        missing = [key for key in self._bytes if key not in self._added]
         if missing:
             raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[:3]}")
         total = sum(self._bytes.values())

@@ -12,7 +12,7 @@ reusable transforms (QKV, gated MLP) covers the family; the rollout weight sync 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Tuple
+from typing import Callable, Dict, Mapping, Tuple
 
 import torch
 
@@ -90,8 +90,8 @@ def model_config_from_hf(hf_config) -> ModelConfig:
     )
 
 
-def hf_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
-    """The shape every HF tensor must have (per-layer keys without their ``model.layers.{i}.`` prefix)."""
+def _shape_table(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """The shape of each kind of HF tensor (per-layer keys without their ``model.layers.{i}.`` prefix)."""
     h, d, f, v = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     return {
@@ -106,11 +106,11 @@ def hf_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
 
 def _checked(get: Callable[[str], torch.Tensor], cfg: ModelConfig) -> Callable[[str], torch.Tensor]:
     """``get`` with every tensor's shape checked against the config (the HF key is named)."""
-    shapes = hf_shapes(cfg)
+    shapes = hf_tensor_shapes(cfg)
 
     def take(key: str) -> torch.Tensor:
         t = get(key)
-        want = shapes[key.split(".", 3)[-1] if key.startswith("model.layers.") else key]
+        want = shapes[key]
         if tuple(t.shape) != want:
             raise ValueError(f"Hugging Face tensor {key!r} has shape {tuple(t.shape)}, the config implies {want}")
         return t
@@ -122,16 +122,17 @@ def pad_vocab(w: torch.Tensor, padded_vocab: int) -> torch.Tensor:
     return torch.cat([w, w.new_zeros(padded_vocab - w.shape[0], *w.shape[1:])])
 
 
-def hf_keys(cfg: ModelConfig) -> List[str]:
-    """Every HF tensor name of this architecture, in the order the converter writes them."""
+def hf_tensor_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """Every HF tensor of this architecture and its shape, in the order the converter writes them."""
+    table = _shape_table(cfg)
     renames, fused = _layer_keys(cfg)
     per_layer = [LAYER_RENAMES[k] for k in renames] + [p for k in fused for p in LAYER_FUSED[k][2]]
-    keys = ["model.embed_tokens.weight"]
-    keys += [f"model.layers.{i}.{p}" for i in range(cfg.num_hidden_layers) for p in per_layer]
-    keys.append("model.norm.weight")
+    out = {"model.embed_tokens.weight": table["model.embed_tokens.weight"]}
+    out.update({f"model.layers.{i}.{p}": table[p] for i in range(cfg.num_hidden_layers) for p in per_layer})
+    out["model.norm.weight"] = table["model.norm.weight"]
     if not cfg.tie_word_embeddings:
-        keys.append("lm_head.weight")
-    return keys
+        out["lm_head.weight"] = table["lm_head.weight"]
+    return out
 
 
 def ignorable_hf_key(key: str, cfg: ModelConfig) -> bool:
@@ -190,7 +191,7 @@ def hf_to_global(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, padded_vocab:
             raise KeyError(f"Hugging Face checkpoint has no tensor {key!r}")
         return hf[key]
 
-    unexpected = sorted(k for k in set(hf) - set(hf_keys(cfg)) if not ignorable_hf_key(k, cfg))
+    unexpected = sorted(k for k in set(hf) - set(hf_tensor_shapes(cfg)) if not ignorable_hf_key(k, cfg))
     if unexpected:
         raise KeyError(f"Hugging Face checkpoint has tensors this {cfg.num_hidden_layers}-layer config does not use: "
                        f"{unexpected[:5]}")

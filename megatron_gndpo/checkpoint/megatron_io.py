@@ -25,6 +25,7 @@ import torch
 
 from megatron_gndpo.checkpoint.dist_ckpt import read_meta, save_sharded_weights
 from megatron_gndpo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_gndpo.models.weights import sharded_tensors
 
 META_PRECISION = PrecisionConfig(params_dtype="float32", transformer_impl="local")
 
@@ -42,17 +43,10 @@ def _meta_sharded_state_dict(cfg: ModelConfig, tp: int) -> dict:
 
 def _entries(sharded: Mapping[str, object]) -> Iterator[Tuple[str, object, Optional[int]]]:
     """(state-dict name, ShardedTensor or factory, decoder layer or None) for every tensor entry."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
     for name, item in sharded.items():
-        if isinstance(item, ShardedTensorFactory):
-            built = item.build()
-            first = next(iter(built.values() if isinstance(built, Mapping) else built))
-        elif isinstance(item, ShardedTensor):
-            first = item
-        else:  # ShardedObject (layers' extra state): no tensor
-            continue
-        yield name, item, (first.global_offset[0] if first.prepend_axis_num else None)
+        pieces = sharded_tensors(item)
+        if pieces:
+            yield name, item, (pieces[0].global_offset[0] if pieces[0].prepend_axis_num else None)
 
 
 def _with_data(item, data: torch.Tensor):
@@ -161,11 +155,12 @@ class _ScratchFile:
 
 
 def write_megatron_checkpoint(out_dir: str | Path, cfg: ModelConfig, tp: int, pp: int,
-                              parts: Iterable[Tuple[Optional[int], Mapping[str, torch.Tensor]]], **meta) -> int:
+                              parts: Iterable[Tuple[Optional[int], Mapping[str, torch.Tensor]]],
+                              **meta) -> Dict[str, object]:
     """A weights-only dist-checkpoint for a TP x PP layout from ``parts``: (None, the non-layer
     tensors, vocabulary padded for ``tp``) and (layer i, stacked key -> tensor) in any order, each
     dropped once staged. Every tensor the model has must be supplied (a missing one is named); the
-    stored dtype is recorded in the metadata. Returns the number of tensors written."""
+    stored dtype is recorded in the metadata. Returns the number of tensors written and that dtype."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch_path = out.parent / f".{out.name}.scratch"
@@ -177,7 +172,9 @@ def write_megatron_checkpoint(out_dir: str | Path, cfg: ModelConfig, tp: int, pp
         scratch.close()
         dtype = str(staged[("embedding.word_embeddings.weight", None)].dtype).replace("torch.", "")
         sharded = _meta_sharded_state_dict(cfg, tp)
+        tensors = 0
         for name, item, layer in _entries(sharded):
+            tensors += 1
             if (item.key, layer) not in staged:
                 where = "" if layer is None else f" of layer {layer}"
                 raise KeyError(f"no tensor was given for {item.key!r}{where}")
@@ -185,7 +182,7 @@ def write_megatron_checkpoint(out_dir: str | Path, cfg: ModelConfig, tp: int, pp
         if staged:
             raise KeyError(f"tensors the {cfg.num_hidden_layers}-layer model does not have: {sorted(map(str, staged))[:5]}")
         save_sharded_weights(sharded, out, cfg, {"tp": tp, "pp": pp}, **{**meta, "dtype": dtype})
-        return sum(1 for _ in _entries(sharded))
+        return {"tensors": tensors, "dtype": dtype}
     finally:
         scratch.close()
         scratch_path.unlink(missing_ok=True)

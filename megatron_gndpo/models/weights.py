@@ -8,25 +8,27 @@ bookkeeping, and is the bridge the HF converter and the rollout weight sync buil
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Mapping, Set, Tuple
+from typing import Dict, Iterator, List, Mapping, Set, Tuple
 
 import torch
 import torch.distributed as dist
 
 
-def _local_pieces(model) -> Iterator[Tuple[str, tuple, tuple, torch.Tensor, bool]]:
-    """(global key, global shape, index into the global tensor, local tensor view, is main replica)."""
+def sharded_tensors(item) -> List:
+    """The ShardedTensors one sharded-state-dict entry stands for: itself, the pieces its factory
+    builds (SwiGLU fc1: gate and up), or none (a ShardedObject: extra state, not a weight)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
+    if isinstance(item, ShardedTensorFactory):
+        pieces = item.build()
+        return list(pieces.values() if isinstance(pieces, Mapping) else pieces)
+    return [item] if isinstance(item, ShardedTensor) else []
+
+
+def local_pieces(model) -> Iterator[Tuple[str, tuple, tuple, torch.Tensor, bool]]:
+    """(global key, global shape, index into the global tensor, local tensor view, is main replica)."""
     for item in model.sharded_state_dict().values():
-        if isinstance(item, ShardedTensorFactory):
-            pieces = item.build()
-            pieces = pieces.values() if isinstance(pieces, Mapping) else pieces
-        elif isinstance(item, ShardedTensor):
-            pieces = [item]
-        else:  # ShardedObject: TE extra state, not a weight
-            continue
-        for sh in pieces:
+        for sh in sharded_tensors(item):
             n = sh.prepend_axis_num
             index = tuple(sh.global_offset[:n]) + tuple(
                 slice(off, off + size) for off, size in zip(sh.global_offset[n:], sh.data.shape)
@@ -40,7 +42,7 @@ def load_global_weights(model, weights: Mapping[str, torch.Tensor], *, strict: b
     """Copy this rank's slices of ``weights`` (global key -> full tensor) into ``model``; returns the
     keys used. ``strict``: a weight the model needs but ``weights`` lacks is an error naming it."""
     seen = set()
-    for key, shape, index, local, _ in _local_pieces(model):
+    for key, shape, index, local, _ in local_pieces(model):
         if key not in weights:
             if strict:
                 raise KeyError(f"weight {key!r} (global shape {shape}) is missing")
@@ -61,7 +63,7 @@ def gather_global_weights(model, group: dist.ProcessGroup | None = None) -> Dict
     ``group`` gets the whole model. Meant for tests, conversion and small models; the rollout
     weight sync gathers per TP group in buckets instead.
     """
-    pieces = list(_local_pieces(model))
+    pieces = list(local_pieces(model))
     shapes = {key: shape for key, shape, *_ in pieces}
     if group is not None or dist.is_initialized():
         gathered = [None] * dist.get_world_size(group)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from megatron_gndpo.checkpoint.hf_mapping import layer_to_hf, non_layer_to_hf
 from megatron_gndpo.config.schema import ModelConfig
 from megatron_gndpo.distributed.init import ProcessGroups
-from megatron_gndpo.models.weights import _local_pieces
+from megatron_gndpo.models.weights import local_pieces
 
 HFBucket = List[Tuple[str, torch.Tensor]]
 
@@ -55,7 +55,7 @@ class WeightSync:
     def __init__(self, model, cfg: ModelConfig, groups: ProcessGroups, bucket_bytes: int = 512 * 1024 ** 2):
         self.cfg, self.groups, self.bucket_bytes = cfg, groups, bucket_bytes
         mine = []
-        for key, shape, index, local, _ in _local_pieces(model):
+        for key, shape, index, local, _ in local_pieces(model):
             if key == "embedding.word_embeddings.weight" and not model.pre_process:
                 continue  # a later stage's tied output layer: the first stage sends the embedding
             stacked = not isinstance(index[0], slice)

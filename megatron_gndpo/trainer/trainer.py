@@ -277,8 +277,9 @@ class Trainer:
         self.model.train()
         out = run_schedule(self.model, microbatches, loss_fn=loss_fn, forward_only=False)
 
-        finite = torch.tensor(float(all(torch.isfinite(p.main_grad).all() for p in self.model.parameters()
-                                        if getattr(p, "main_grad", None) is not None)))
+        # Every main_grad is a view into one of DDP's flat grad buffers: a few reductions, one sync.
+        grad_buffers = [b.grad_data for b in self.model.buffers + self.model.expert_parallel_buffers]
+        finite = torch.stack([torch.isfinite(grad).all() for grad in grad_buffers]).all().float()
         finite = _all_reduce(finite, dist.ReduceOp.MIN)
         metrics: Dict[str, float] = {}
         if finite.item() == 1.0:
