@@ -105,7 +105,9 @@ def _hf_numels(cfg: ModelConfig) -> List[Tuple[str, int]]:
 def megatron_to_hf(ckpt_dir: str, out_dir: str, *, family: Optional[str] = None,
                    max_shard_bytes: int = 5 * 1024 ** 3) -> Dict[str, object]:
     """Megatron dist-checkpoint -> HF directory: config.json, sharded safetensors with
-    ``model.safetensors.index.json``, and the tokenizer files kept at import."""
+    ``model.safetensors.index.json``, and the tokenizer files kept at import. Written into
+    ``out_dir.tmp`` and renamed into place when complete, so a failed export never leaves a previous
+    one at ``out_dir`` half-overwritten (it is replaced only by a finished one)."""
     src = MegatronCheckpointReader(ckpt_dir)
     cfg, meta = src.cfg, src.meta
     family = family or meta.get("hf_architecture") or ("qwen3" if cfg.qk_layernorm else
@@ -113,8 +115,11 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, family: Optional[str] = None,
     if family not in HF_FAMILIES:
         raise ValueError(f"unknown Hugging Face architecture {family!r}; supported: {', '.join(HF_FAMILIES)}")
     dtype = getattr(torch, meta["dtype"]) if "dtype" in meta else src.dtype
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    out = final.parent / f"{final.name}.tmp"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     _hf_config(cfg, family, str(dtype).replace("torch.", "")).save_pretrained(str(out))
     itemsize = torch.empty((), dtype=dtype).element_size()
     writer = HFShardWriter(out, [(key, n * itemsize) for key, n in _hf_numels(cfg)], max_shard_bytes)
@@ -131,6 +136,9 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, family: Optional[str] = None,
         add(non_layer)
     summary = writer.finish()
     copied = _copy_tokenizer(Path(ckpt_dir) / "tokenizer", out)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(out, final)
     return {**summary, "family": family, "dtype": str(dtype).replace("torch.", ""), "tokenizer_files": copied}
 
 
