@@ -22,6 +22,12 @@ from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_gndpo.checkpoint.dist_ckpt import read_meta, save_sharded_weights
 from megatron_gndpo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
@@ -56,7 +62,7 @@ def _with_data(item, data: torch.Tensor):
     return dataclasses.replace(item, data=data, **dtype)
 
 
-def _chunk_reader_planner(requests: Mapping[str, Tuple[Tuple[int, ...], torch.Tensor]]):
+class _ChunkReader(DefaultLoadPlanner):
     """A torch DCP load planner that fills ``buffer`` with the block of stored tensor ``key`` that
     starts at ``offsets`` (key -> (offsets, buffer)); DCP intersects it with the stored chunks.
 
@@ -64,43 +70,42 @@ def _chunk_reader_planner(requests: Mapping[str, Tuple[Tuple[int, ...], torch.Te
     tensor's whole shard grid and, with a world of one, counts the other layers' chunks as local.
     Its ``torch_dist`` format is a DCP checkpoint keyed by the sharded keys, so reading it through
     DCP's public planner API is the supported way to take one block.
+
+    A module-level class on purpose: a class made per call is a reference cycle, and one that
+    closed over the buffers kept every layer read until the next full garbage collection
+    (measured: +2.7 GiB over a 32-layer reshard).
     """
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-    from torch.distributed.checkpoint.planner import LoadPlan
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-    class ChunkReader(DefaultLoadPlanner):
-        def create_local_plan(self) -> LoadPlan:
-            items = []
-            for key, (offsets, buffer) in requests.items():
-                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buffer.shape)
-                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
-            return LoadPlan(items)
+    def __init__(self, requests: Mapping[str, Tuple[Tuple[int, ...], torch.Tensor]]):
+        super().__init__()
+        self.requests = requests
 
-        def resolve_tensor(self, read_item) -> torch.Tensor:
-            view = requests[read_item.dest_index.fqn][1]
-            for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-                view = view.narrow(dim, start, length)
-            return view
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for key, (offsets, buffer) in self.requests.items():
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buffer.shape)
+            items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+        return LoadPlan(items)
 
-        def commit_tensor(self, read_item, tensor) -> None:
-            pass
+    def resolve_tensor(self, read_item) -> torch.Tensor:
+        view = self.requests[read_item.dest_index.fqn][1]
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            view = view.narrow(dim, start, length)
+        return view
 
-    return ChunkReader()
+    def commit_tensor(self, read_item, tensor) -> None:
+        pass
 
 
 class MegatronCheckpointReader:
     """Weights of a megatron-gndpo dist-checkpoint (weights-only or training), layer by layer."""
 
     def __init__(self, ckpt_dir: str | Path):
-        from torch.distributed.checkpoint import FileSystemReader
-
         self.ckpt_dir = str(ckpt_dir)
         self.meta = read_meta(ckpt_dir)
         self.cfg = ModelConfig(**self.meta["model"])
         self.layout = self.meta["layout"]
-        self._stored = FileSystemReader(self.ckpt_dir).read_metadata().state_dict_metadata
+        self._stored = dcp.FileSystemReader(self.ckpt_dir).read_metadata().state_dict_metadata
         # key -> (stored global shape, stacked over layers?) for every weight the model has
         self._keys: Dict[str, Tuple[torch.Size, bool]] = {}
         for _, item, layer in _entries(_meta_sharded_state_dict(self.cfg, self.layout.get("tp", 1))):
@@ -110,10 +115,7 @@ class MegatronCheckpointReader:
         self.dtype = self._stored["embedding.word_embeddings.weight"].properties.dtype
 
     def _read(self, requests: Dict[str, Tuple[Tuple[int, ...], torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        import torch.distributed.checkpoint as dcp
-
-        dcp.load({}, storage_reader=dcp.FileSystemReader(self.ckpt_dir), planner=_chunk_reader_planner(requests),
-                 no_dist=True)
+        dcp.load({}, storage_reader=dcp.FileSystemReader(self.ckpt_dir), planner=_ChunkReader(requests), no_dist=True)
         return {key: buffer for key, (_, buffer) in requests.items()}
 
     def non_layer(self) -> Dict[str, torch.Tensor]:
@@ -129,8 +131,13 @@ class MegatronCheckpointReader:
 
 
 class _ScratchFile:
-    """Tensors appended to one file and handed back memory-mapped (each its own mapping, so
-    megatron's saver sees whole storages and never clones them)."""
+    """Tensors appended to one file and handed back memory-mapped, each over exactly its own bytes.
+
+    Megatron's writer clones every CPU tensor that does not span its whole storage (it stages
+    tensors for an async save), so each tensor, and each piece a factory cuts out of one
+    (:meth:`own_storage`), must be its own mapping: a view into a larger one would be copied into
+    anonymous memory (measured: SwiGLU's gate / up halves cost +1.4 GiB on a 32-layer model).
+    """
 
     ALIGN = 64
 
@@ -138,17 +145,33 @@ class _ScratchFile:
         self.path = path
         self._file = open(path, "wb")
         self._offset = 0
+        self._offset_of: Dict[int, int] = {}  # storage address -> its offset in the file
+
+    def _map(self, offset: int, nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
+        mapped = torch.from_numpy(np.memmap(self.path, dtype=np.uint8, mode="r+", offset=offset, shape=(nbytes,)))
+        self._offset_of[mapped.data_ptr()] = offset
+        return mapped.view(dtype).view(shape)
 
     def put(self, tensor: torch.Tensor) -> torch.Tensor:
         raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._file.write(memoryview(raw))
         self._file.flush()
-        mapped = np.memmap(self.path, dtype=np.uint8, mode="r+", offset=self._offset, shape=(raw.size,))
+        offset = self._offset
         self._offset += raw.size
         pad = -self._offset % self.ALIGN
         self._file.write(b"\0" * pad)
         self._offset += pad
-        return torch.from_numpy(mapped).view(tensor.dtype).view(tensor.shape)
+        return self._map(offset, raw.size, tensor.dtype, tensor.shape)
+
+    def own_storage(self, view: torch.Tensor) -> torch.Tensor:
+        """``view`` (a contiguous part of a tensor :meth:`put` returned) as its own mapping."""
+        storage = view.untyped_storage()
+        if view.numel() * view.element_size() == storage.nbytes():
+            return view
+        if not view.is_contiguous():
+            raise ValueError("only a contiguous part of a staged tensor can be mapped on its own")
+        offset = self._offset_of[storage.data_ptr()] + view.data_ptr() - storage.data_ptr()
+        return self._map(offset, view.numel() * view.element_size(), view.dtype, view.shape)
 
     def close(self) -> None:
         self._file.close()
@@ -169,7 +192,7 @@ def write_megatron_checkpoint(out_dir: str | Path, cfg: ModelConfig, tp: int, pp
         staged = {}
         for layer, tensors in parts:
             staged.update({(key, layer): scratch.put(t) for key, t in tensors.items()})
-        scratch.close()
+        scratch.close()  # written; the mappings stay valid
         dtype = str(staged[("embedding.word_embeddings.weight", None)].dtype).replace("torch.", "")
         sharded = _meta_sharded_state_dict(cfg, tp)
         tensors = 0
@@ -178,7 +201,10 @@ def write_megatron_checkpoint(out_dir: str | Path, cfg: ModelConfig, tp: int, pp
             if (item.key, layer) not in staged:
                 where = "" if layer is None else f" of layer {layer}"
                 raise KeyError(f"no tensor was given for {item.key!r}{where}")
-            sharded[name] = _with_data(item, staged.pop((item.key, layer)))
+            item = _with_data(item, staged.pop((item.key, layer)))
+            if not isinstance(item, ShardedTensor):  # a factory: megatron would cut it into views
+                item = [dataclasses.replace(sh, data=scratch.own_storage(sh.data)) for sh in sharded_tensors(item)]
+            sharded[name] = item
         if staged:
             raise KeyError(f"tensors the {cfg.num_hidden_layers}-layer model does not have: {sorted(map(str, staged))[:5]}")
         save_sharded_weights(sharded, out, cfg, {"tp": tp, "pp": pp}, **{**meta, "dtype": dtype})

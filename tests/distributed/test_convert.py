@@ -217,3 +217,45 @@ def test_bf16_checkpoint_streams_in_its_own_dtype(tmp_path):
     index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
     assert sorted(p.name for p in (tmp_path / "back").glob("*.safetensors")) == sorted(set(index["weight_map"].values()))
     assert len(set(index["weight_map"].values())) == 1 and not (tmp_path / "back.tmp").exists()
+
+
+def _stream_and_inspect(groups, hf_dir, out):
+    """What the megatron writer is handed, and what reading a layer leaves behind."""
+    import gc
+
+    from megatron_gndpo.checkpoint import convert, megatron_io
+    from megatron_gndpo.models.weights import sharded_tensors
+
+    handed = []
+    save = megatron_io.save_sharded_weights
+    megatron_io.save_sharded_weights = lambda sharded, *a, **k: (handed.extend(
+        sh.data for item in sharded.values() for sh in sharded_tensors(item)), save(sharded, *a, **k))[1]
+    try:
+        convert.hf_to_megatron(hf_dir, out)
+    finally:
+        megatron_io.save_sharded_weights = save
+    views = sum(t.numel() * t.element_size() != t.untyped_storage().nbytes() for t in handed)
+
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        layer = megatron_io.MegatronCheckpointReader(out).layer(0)
+        del layer
+        gc.collect()
+        cyclic_tensors = sum(isinstance(o, torch.Tensor) for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    return {"handed": len(handed), "views": views, "cyclic_tensors": cyclic_tensors}
+
+
+def test_streaming_holds_no_hidden_copies(tmp_path):
+    """The two things that made conversion memory grow with depth: megatron's writer clones every
+    CPU tensor that does not span its whole storage (SwiGLU fc1's gate / up halves did not), and a
+    layer read through DCP stayed alive in a reference cycle until a full garbage collection."""
+    _hf_model("llama", False).save_pretrained(str(tmp_path / "hf"))
+    got = run_distributed(_stream_and_inspect, 1, args=(str(tmp_path / "hf"), str(tmp_path / "mg")))[0]
+    assert got["handed"] > 0 and got["views"] == 0
+    assert got["cyclic_tensors"] == 0
