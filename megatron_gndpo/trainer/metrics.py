@@ -2,15 +2,24 @@
 
 Only the logging rank (the last global rank: it holds the losses, which live on the last pipeline
 stage) writes; every line is flushed as it is written, so a crash loses nothing already logged.
+
+``output_dir`` holds one run's history. A resumed run continues it: lines and TensorBoard events
+past the checkpoint's step belong to steps the run redoes and are dropped. A fresh run into a
+directory that has an earlier run's metrics moves them to ``previous_run_<time>/`` instead of
+appending to them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, Optional
+
+log = logging.getLogger(__name__)
 
 PROGRESS_KEYS = (("reward", "reward"), ("score/std", "lr std"), ("actor/policy_loss", "loss"),
                  ("actor/grad_norm", "|g|"), ("perf/tokens_per_s", "tok/s"))
@@ -31,17 +40,65 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+JSONL = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+
+
+def set_aside_previous_run(output_dir: Path) -> Optional[Path]:
+    """Moves an earlier run's metrics (JSONL, TensorBoard events) into ``previous_run_<time>/``,
+    named after when they were last written; returns that directory, or None if there were none."""
+    old = [output_dir / name for name in (JSONL, TENSORBOARD) if (output_dir / name).exists()]
+    if not old:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(p.stat().st_mtime for p in old)))
+    dest, n = output_dir / f"previous_run_{stamp}", 1
+    while dest.exists():
+        dest, n = output_dir / f"previous_run_{stamp}_{n}", n + 1
+    dest.mkdir()
+    for p in old:
+        p.rename(dest / p.name)
+    log.warning("%s held metrics of an earlier run; moved them to %s", output_dir, dest)
+    return dest
+
+
+def truncate_history(path: Path, last_step: int) -> int:
+    """Keeps the lines of ``path`` up to step ``last_step`` (a half-written last line from a crash
+    is dropped too); replaced atomically. Returns the number of lines dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= last_step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def _step_of(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class MetricsWriter:
     def __init__(self, output_dir: str, *, total_steps: int, start_step: int, tensorboard: bool,
                  wandb_project: Optional[str], progress: bool, config: dict, title: str = "train"):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        if start_step == 0:
+            set_aside_previous_run(self.dir)
+        elif truncate_history(self.dir / JSONL, start_step):
+            log.warning("%s: dropped the lines after step %d, which this resumed run redoes", self.dir / JSONL,
+                        start_step)
+        self.jsonl = open(self.dir / JSONL, "a", buffering=1)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+            # purge_step hides events from steps after the checkpoint, which a resumed run redoes
+            self.tb = SummaryWriter(str(self.dir / TENSORBOARD), purge_step=start_step + 1 if start_step else None)
         self.wandb = None
         if wandb_project:
             try:
