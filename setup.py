@@ -1,5 +1,8 @@
 from setuptools import find_packages, setup
 
+# teacher.quantize; ModelOpt imports requests without declaring it
+MODELOPT = ["nvidia-modelopt[torch]>=0.33", "requests"]
+
 setup(
     name="megatron-gndpo",
     version="0.1.0",
@@ -27,9 +30,10 @@ setup(
     ],
     entry_points={"console_scripts": ["megatron-gndpo=megatron_gndpo.cli:main"]},
     extras_require={
-        "gpu": ["transformer-engine[pytorch]>=2.4", "vllm>=0.10", "nvidia-modelopt[torch]>=0.33"],
+        "gpu": ["transformer-engine[pytorch]>=2.4", "vllm>=0.10", *MODELOPT],
+        "quant": MODELOPT,
         "wandb": ["wandb"],
         "math": ["mathruler>=0.1", "pylatexenc>=2.10", "sympy"],
-        "dev": ["pytest>=8", "matplotlib>=3.8", "mathruler>=0.1", "pylatexenc>=2.10", "sympy"],
+        "dev": ["pytest>=8", "matplotlib>=3.8", "mathruler>=0.1", "pylatexenc>=2.10", "sympy", *MODELOPT],
     },
 )

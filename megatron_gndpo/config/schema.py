@@ -142,6 +142,19 @@ class TeacherConfig:
     """Megatron dist-checkpoint directory with the teacher's weights (None: random init, tests only)."""
     offload: bool = False
     """Keep teacher weights in CPU memory between scoring phases (GPU only)."""
+    quantize: Optional[Literal["fp8"]] = None
+    """Post-training quantisation with NVIDIA ModelOpt after loading: "fp8" stores the decoder's linear
+    weights in FP8 E4M3 with calibrated per-tensor scales (embedding and LM head keep their precision);
+    the log-prob error against the unquantised teacher is logged as ``teacher_quant/*``. Needs
+    nvidia-modelopt."""
+    calibration_prompts: int = 64
+    """With ``quantize``: the first training prompts (file order; split over data-parallel ranks) that
+    the teacher scores before and after quantisation: the first half calibrates the scales, the
+    second half measures the log-prob error."""
+
+    def __post_init__(self):
+        _check(self.calibration_prompts >= 2 and self.calibration_prompts % 2 == 0,
+               f"teacher.calibration_prompts must be an even number >= 2, got {self.calibration_prompts}")
 
 
 @dataclass
@@ -317,6 +330,9 @@ class RunConfig:
     def __post_init__(self):
         if self.teacher.precision is None:
             self.teacher.precision = self.precision
+        _check(not (self.teacher.quantize and self.teacher.precision.fp8),
+               f"teacher.quantize={self.teacher.quantize!r} and an FP8 teacher precision "
+               f"(precision.fp8={self.teacher.precision.fp8!r}) are two FP8 schemes; choose one")
         for role, model in (("model", self.model), ("teacher.model", self.teacher.model)):
             self.parallel.check_model(model, role)
         check_same_vocabulary(self.model, self.teacher.model, self.parallel.tensor_model_parallel_size)

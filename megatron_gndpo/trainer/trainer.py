@@ -32,6 +32,7 @@ from megatron_gndpo.data.prompts import PromptDataset, PromptOrder
 from megatron_gndpo.data.tokenizer import check_tokenizer_fits, eos_ids, load_tokenizer
 from megatron_gndpo.distributed.init import destroy_parallel, init_parallel
 from megatron_gndpo.models.student import build_optimizer, build_scheduler, build_student, unwrap
+from megatron_gndpo.models.quantization import logprob_error, quantize_teacher
 from megatron_gndpo.models.teacher import build_teacher
 from megatron_gndpo.ops.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
 from megatron_gndpo.rewards import get_reward
@@ -54,21 +55,35 @@ def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tens
     return t
 
 
-def sequences_from_rollout(rollout: Rollout) -> MicroBatch:
-    """Next-token training view of a rollout: position t predicts token t+1.
-
-    ``mask[b, t]`` is 1 where token t+1 belongs to row b's response (EOS included)."""
-    tokens = rollout.tokens
+def _next_token_view(tokens: torch.Tensor, mask: torch.Tensor) -> MicroBatch:
     b, length = tokens.shape
-    t = torch.arange(length - 1, device=tokens.device)[None, :] + 1
-    p = rollout.prompt_lengths[:, None]
-    mask = (t >= p) & (t < p + rollout.response_lengths[:, None])
     return {
         "tokens": tokens[:, :-1].contiguous(),
         "position_ids": torch.arange(length - 1, device=tokens.device).expand(b, length - 1).contiguous(),
         "labels": tokens[:, 1:].contiguous(),
         "mask": mask,
     }
+
+
+def sequences_from_rollout(rollout: Rollout) -> MicroBatch:
+    """Next-token training view of a rollout: position t predicts token t+1.
+
+    ``mask[b, t]`` is 1 where token t+1 belongs to row b's response (EOS included)."""
+    tokens = rollout.tokens
+    t = torch.arange(tokens.shape[1] - 1, device=tokens.device)[None, :] + 1
+    p = rollout.prompt_lengths[:, None]
+    return _next_token_view(tokens, (t >= p) & (t < p + rollout.response_lengths[:, None]))
+
+
+def sequences_from_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int) -> MicroBatch:
+    """Next-token view of right-padded prompts; ``mask[b, t]`` is 1 where token t+1 is one of row b's
+    prompt tokens."""
+    lengths = torch.tensor([len(p) for p in prompts])
+    tokens = torch.full((len(prompts), int(lengths.max())), pad_token_id, dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        tokens[row, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+    t = torch.arange(tokens.shape[1] - 1)[None, :] + 1
+    return _next_token_view(tokens, t < lengths[:, None])
 
 
 def split_rows(batch: MicroBatch, size: int) -> List[MicroBatch]:
@@ -119,6 +134,7 @@ class Trainer:
             load_model_weights(self.teacher, cfg.teacher.checkpoint, cfg.teacher.model, "teacher")
         else:
             log.warning("teacher.checkpoint is not set: the teacher has random weights (tests only)")
+        self.teacher_quant_metrics = self._quantize_teacher() if cfg.teacher.quantize else {}
         self.offload_teacher = cfg.teacher.offload and torch.cuda.is_available()
         if self.offload_teacher:
             self.teacher.cpu()
@@ -139,6 +155,8 @@ class Trainer:
                                          tensorboard=tc.tensorboard, wandb_project=tc.wandb_project,
                                          progress=tc.progress, config=dataclasses.asdict(cfg),
                                          title=cfg.algorithm.estimator.upper())
+            if self.teacher_quant_metrics:
+                self.metrics.log(self.step, self.teacher_quant_metrics)
 
     # --- the step ---------------------------------------------------------------------------------
 
@@ -224,6 +242,36 @@ class Trainer:
         texts = self.tokenizer.batch_decode(rollout.responses(), skip_special_tokens=True)
         scored = [self.reward_fn(text, truth) for text, truth in zip(texts, truths)]
         return {k: torch.tensor([s[k] for s in scored], dtype=torch.float32) for k in ("reward", "acc", "format")}
+
+    def _quantize_teacher(self) -> Dict[str, float]:
+        """ModelOpt post-training quantisation of the teacher (``teacher.quantize``): scales calibrated
+        on the first half of the calibration prompts, then the log-prob error against the unquantised
+        teacher measured on the second half (last stage: the metrics; {} elsewhere)."""
+        cfg, g, mbs = self.cfg, self.groups, self.cfg.trainer.micro_batch_size
+        n = cfg.teacher.calibration_prompts
+        if n > len(self.train_data) or (n // 2) % (g.dp_size * mbs):
+            raise ValueError(f"teacher.calibration_prompts ({n}) must be at most the training prompts "
+                             f"({len(self.train_data)}), and half of it a multiple of the data-parallel size "
+                             f"({g.dp_size}) x trainer.micro_batch_size ({mbs})")
+        share = n // 2 // g.dp_size
+
+        def rank_rows(first: int) -> List[MicroBatch]:
+            start = first + g.dp_rank * share
+            prompts = [self.train_data.prompt_ids(i) for i in range(start, start + share)]
+            return split_rows(sequences_from_prompts(prompts, self.sampling.pad_token_id), mbs)
+
+        calibration, held_out = rank_rows(0), rank_rows(n // 2)
+        reference = self._score(self.teacher, held_out)
+        self.teacher = quantize_teacher(self.teacher, cfg.teacher.quantize,
+                                        lambda model: self._score(model, calibration))
+        quantized = self._score(self.teacher, held_out)
+        if not g.is_last_stage:
+            return {}
+        mask = torch.cat([mb["mask"] for mb in held_out])
+        error = logprob_error(reference, quantized, mask, g.dp_cp)
+        log.warning("teacher quantised with ModelOpt (%s): |log-prob error| mean %.3g, max %.3g over %d held-out "
+                    "prompt tokens", cfg.teacher.quantize, error["abs_mean"], error["abs_max"], error["tokens"])
+        return {f"teacher_quant/logprob_{k}": v for k, v in error.items()}
 
     @contextlib.contextmanager
     def _teacher_on_device(self):

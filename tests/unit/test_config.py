@@ -40,3 +40,13 @@ def test_teacher_with_another_vocabulary_is_refused():
 def test_padded_vocab_follows_megatron():
     m = ModelConfig(vocab_size=151936, make_vocab_size_divisible_by=128)
     assert m.padded_vocab_size(1) == 151936 and m.padded_vocab_size(8) == 152576
+
+
+def test_teacher_quantisation_settings_are_checked():
+    assert load_config(None, ["teacher.quantize=fp8"]).teacher.quantize == "fp8"
+    with pytest.raises(ValueError, match="teacher.quantize must be one of"):
+        load_config(None, ["teacher.quantize=int4"])
+    with pytest.raises(ValueError, match="teacher.calibration_prompts must be an even number >= 2, got 7"):
+        load_config(None, ["teacher.quantize=fp8", "teacher.calibration_prompts=7"])
+    with pytest.raises(ValueError, match="two FP8 schemes"):
+        load_config(None, ["teacher.quantize=fp8", "precision.fp8=hybrid", "precision.transformer_impl=transformer_engine"])
