@@ -31,8 +31,8 @@ from megatron_gndpo.config.schema import RunConfig
 from megatron_gndpo.data.prompts import PromptDataset, PromptOrder
 from megatron_gndpo.data.tokenizer import check_tokenizer_fits, eos_ids, load_tokenizer
 from megatron_gndpo.distributed.init import destroy_parallel, init_parallel
-from megatron_gndpo.models.student import build_optimizer, build_scheduler, build_student, unwrap
 from megatron_gndpo.models.quantization import logprob_error, quantize_teacher
+from megatron_gndpo.models.student import build_optimizer, build_scheduler, build_student, unwrap
 from megatron_gndpo.models.teacher import build_teacher
 from megatron_gndpo.ops.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
 from megatron_gndpo.rewards import get_reward

@@ -228,8 +228,12 @@ def _stream_and_inspect(groups, hf_dir, out):
 
     handed = []
     save = megatron_io.save_sharded_weights
-    megatron_io.save_sharded_weights = lambda sharded, *a, **k: (handed.extend(
-        sh.data for item in sharded.values() for sh in sharded_tensors(item)), save(sharded, *a, **k))[1]
+
+    def recording_save(sharded, *args, **kwargs):
+        handed.extend(sh.data for item in sharded.values() for sh in sharded_tensors(item))
+        return save(sharded, *args, **kwargs)
+
+    megatron_io.save_sharded_weights = recording_save
     try:
         convert.hf_to_megatron(hf_dir, out)
     finally:
