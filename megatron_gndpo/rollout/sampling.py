@@ -5,11 +5,16 @@ Sampling is Gumbel-max: ``argmax_v(x_v / T + G_v)`` with iid Gumbel noise G is a
 counter-based (a hash of seed, sample row, position and token id), not drawn from a stateful
 generator: every rank draws exactly the noise of its own shard and the same sample comes out for
 every TP / PP / DP layout, which is what makes whole training steps comparable across layouts.
+
+Hash, Gumbel transform, perturbation and the shard's max / argmax run as one ``torch.compile``d
+kernel (``_gumbel_max``, compiled at first use); eagerly they are ~15 ``[B, V_local]`` int64 /
+float64 temporaries per token. ``MEGATRON_GNDPO_COMPILE=0`` runs the same function eagerly.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -35,16 +40,92 @@ def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
     return (x >> k) & ((1 << (64 - k)) - 1)
 
 
-def counter_uniform(seed: int, rows: torch.Tensor, position: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
-    """Uniform(0, 1) float64 ``[B, V]`` from a splitmix64 hash of (seed, rows[b], position[b], vocab_ids[v]).
+def _seed_key(seed: int) -> int:
+    """The seed's term of the hash input, as the int64 torch adds."""
+    return _i64(seed * 0x632BE59BD9B4E019)
 
-    int64 products wrap modulo 2^64 on CPU and CUDA alike, which is what the mixer relies on."""
-    x = (rows.long()[:, None] * _ROW + position.long()[:, None] * _POS + vocab_ids.long()[None, :] * _GOLDEN
-         + _i64(seed * 0x632BE59BD9B4E019))
+
+def _hash_uniform(key: int, rows: torch.Tensor, position: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
+    """``u[b, v] = ((splitmix64(rows[b] * R + position[b] * P + vocab_ids[v] * G + key) >>> 11) + 1/2) / 2^53``
+    (``>>>`` logical), float64 ``[B, V]`` in (0, 1); int64 inputs.
+
+    Everything before the float conversion is int64 arithmetic modulo 2^64 (wrapping products,
+    ``_shr``'s masked shifts), so eager CPU / CUDA and the compiled C++ / Triton kernels get the same
+    bits in any evaluation order; the conversion of a 53-bit integer and the two operations after it
+    are exact in float64."""
+    x = rows[:, None] * _ROW + position[:, None] * _POS + vocab_ids[None, :] * _GOLDEN + key
     x = (x ^ _shr(x, 30)) * _MIX1
     x = (x ^ _shr(x, 27)) * _MIX2
     x = x ^ _shr(x, 31)
     return (_shr(x, 11).double() + 0.5) * (1.0 / (1 << 53))
+
+
+def counter_uniform(seed: int, rows: torch.Tensor, position: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
+    """Uniform(0, 1) float64 ``[B, V]`` from a splitmix64 hash of (seed, rows[b], position[b], vocab_ids[v])."""
+    return _hash_uniform(_seed_key(seed), rows.long(), position.long(), vocab_ids.long())
+
+
+def _perturbed(x: torch.Tensor, key: int, rows: torch.Tensor, position: torch.Tensor,
+               vocab_ids: torch.Tensor) -> torch.Tensor:
+    """``float32(x + G)`` ``[B, V]`` with Gumbel noise ``G = -log(-log(u))``, u = ``_hash_uniform``, in float64."""
+    u = _hash_uniform(key, rows, position, vocab_ids)
+    return (x.double() - torch.log(-torch.log(u))).float()
+
+
+def _gumbel_max(x: torch.Tensor, key: int, rows: torch.Tensor, position: torch.Tensor,
+                vocab_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, argmax) over the shard of ``_perturbed`` -> ``[B]`` float32, ``[B]`` local index (first of ties).
+
+    The eager reference and, unchanged, the function that is compiled."""
+    best, idx = _perturbed(x, key, rows, position, vocab_ids).max(dim=-1)
+    return best, idx
+
+
+# Below this many vocabulary entries the eager path takes well under a millisecond per token, less
+# than the seconds a compile costs a short run (the tests' tiny models); decided on the global
+# vocabulary, so every layout of one model takes the same path.
+_FUSE_MIN_VOCAB = 8192
+
+_fused = None  # torch.compile(_gumbel_max), made at first use; False once compiling it failed
+
+
+def _fused_gumbel_max():
+    """``_gumbel_max`` compiled with dynamic shapes: B and V_local are symbols and the int ``key`` a
+    kernel argument, so new batch sizes, shard widths and seeds reuse one kernel (sizes 0 and 1 are
+    specialised, so B == 1 adds one more)."""
+    global _fused
+    if _fused is None:
+        _fused = torch.compile(_gumbel_max, dynamic=True)
+    return _fused
+
+
+def gumbel_max(x: torch.Tensor, key: int, rows: torch.Tensor, position: torch.Tensor, vocab_ids: torch.Tensor,
+               *, fuse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_gumbel_max``, compiled unless ``fuse`` is False, ``MEGATRON_GNDPO_COMPILE=0`` or compiling
+    failed once in this process (warned; eager from then on).
+
+    The eager numbers: the int64 hash and u are bit-exact in every kernel (integer ops modulo 2^64),
+    and so is float64 log on CUDA (libdevice in both). On CPU eager log is MKL's and the kernel's
+    Sleef's: they differ in the last bit of log(-log(u)) for ~5% of the entries, which changes the
+    float32 rounding of x + G for ~3e-10 of the entries (``benchmarks/sampler.py --verify``: none
+    of 16M), i.e. the max's last bit for ~3e-10 of the tokens and the token itself far more rarely.
+
+    Ranks need not compute the same numbers to agree on the token: the MAX all-reduce gives every
+    rank the same global max, each compares it with its own ``best`` (the owner's matches bit for
+    bit) and the second MAX takes the highest matching id. Layout invariance (TP 1 == TP 8) needs an
+    entry's value to depend on (x, key, row, position, vocab id) only, not on its column or the
+    shard's width: the kernel is elementwise up to the max, one code for every column (SIMD tails
+    too: tests/unit/test_sampler_fused.py combines shards)."""
+    global _fused
+    if fuse and _fused is not False and os.environ.get("MEGATRON_GNDPO_COMPILE", "1") != "0":
+        try:
+            return _fused_gumbel_max()(x, key, rows, position, vocab_ids)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ImportError) as err:  # no C++ compiler or Triton, an unsupported Python, ...
+            warnings.warn(f"torch.compile of the sampler failed, sampling eagerly from now on: {err}", stacklevel=2)
+            _fused = False
+    return _gumbel_max(x, key, rows, position, vocab_ids)
 
 
 def _top_k_mask(x: torch.Tensor, k: int, group) -> torch.Tensor:
@@ -78,11 +159,11 @@ def vocab_parallel_sample(
     rows: torch.Tensor,
     position: torch.Tensor,
     seed: int,
-    group: Optional[ProcessGroup] = None,
+    group: ProcessGroup | None = None,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    vocab_size: Optional[int] = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """One token id per row of ``logits_shard`` ``[B, V_local]`` -> ``[B]`` global ids, identical on
     every rank of ``group``.
@@ -106,9 +187,11 @@ def vocab_parallel_sample(
         if top_p < 1.0:
             x = _top_p_mask(x, top_p, group)
         ids = torch.arange(start, start + v_local, device=x.device)
-        u = counter_uniform(seed, rows.to(x.device), position.to(x.device), ids)
-        x = (x.double() - torch.log(-torch.log(u))).float()
-    best, idx = x.max(dim=-1)
+        # int64 here, not inside: a dtype change would recompile the fused kernel
+        best, idx = gumbel_max(x, _seed_key(seed), rows.to(x.device, torch.long), position.to(x.device, torch.long),
+                               ids, fuse=(vocab_size or v_local * world) >= _FUSE_MIN_VOCAB)
+    else:
+        best, idx = x.max(dim=-1)
     if world == 1:
         return idx + start
     global_best = best.clone()
