@@ -8,6 +8,7 @@ the harness kills whatever is still alive when it returns.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import queue
@@ -59,6 +60,25 @@ def relayout(tp: int, pp: int = 1, seed: int = 1234):
     return init_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), seed=seed)
 
 
+@contextlib.contextmanager
+def _children_see_gpus(gpus: bool, world_size: int):
+    """Spawned children inherit the environment at start. Without ``gpus`` they see no CUDA device, so
+    init_parallel picks gloo and the CPU path even on a GPU machine (with CUDA visible, N ranks would
+    pick NCCL and ``set_device(rank)`` on a machine with fewer GPUs, and hang)."""
+    if gpus and torch.cuda.device_count() < world_size:
+        raise RuntimeError(f"this test needs {world_size} GPUs; {torch.cuda.device_count()} visible")
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
@@ -68,10 +88,12 @@ def run_distributed(
     seed: int = 1234,
     args: Sequence[Any] = (),
     timeout_s: float = 150.0,
+    gpus: bool = False,
 ) -> List[Any]:
     """``fn(groups, *args)`` on ``world_size`` spawned ranks; returns the results by rank.
 
     ``fn`` must be importable (module level). Any rank's exception fails the call with its traceback.
+    Ranks run on CPU with gloo unless ``gpus`` (then one GPU per rank, NCCL).
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -80,8 +102,9 @@ def run_distributed(
         ctx.Process(target=_worker, args=(rank, world_size, port, fn, tp, pp, seed, tuple(args), results), daemon=False)
         for rank in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    with _children_see_gpus(gpus, world_size):
+        for p in procs:
+            p.start()
     out: dict = {}
     deadline = time.monotonic() + timeout_s
     try:

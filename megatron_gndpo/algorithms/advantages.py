@@ -61,9 +61,10 @@ def _score_stats(raw: torch.Tensor, score: torch.Tensor, mask: torch.Tensor, cli
     sums = _all_reduce(sums, dist.ReduceOp.SUM, group)
     big = torch.finfo(torch.float64).max
     r = raw.double()
-    ext = torch.stack([torch.where(m & finite, r, -big).max() if r.numel() else torch.tensor(-big, dtype=torch.float64),
-                       torch.where(m & finite, -r, -big).max() if r.numel() else torch.tensor(-big, dtype=torch.float64)])
-    ext = _all_reduce(ext.to(sums.device), dist.ReduceOp.MAX, group)
+    lowest = torch.tensor(-big, dtype=torch.float64, device=r.device)
+    ext = torch.stack([torch.where(m & finite, r, -big).max() if r.numel() else lowest,
+                       torch.where(m & finite, -r, -big).max() if r.numel() else lowest])
+    ext = _all_reduce(ext, dist.ReduceOp.MAX, group)
     count, total, total_sq, n_clipped, n_bad = sums.tolist()
     if n_bad > 0:
         raise ValueError(
@@ -215,7 +216,8 @@ def uniopd(teacher_logprobs, old_logprobs, response_mask, correct=None, prompt_i
         for idx in prompt_index.unique():
             sel = prompt_index == idx
             cs, cis = sel & c, sel & ~c
-            d = shifts(cs, cis, [cs.sum().item(), seq_mean[cs].sum().item(), cis.sum().item(), seq_mean[cis].sum().item()])
+            d = shifts(cs, cis, [cs.sum().item(), seq_mean[cs].sum().item(),
+                                 cis.sum().item(), seq_mean[cis].sum().item()])
             shift = torch.where(cs, split * d, torch.where(cis, -(1.0 - split) * d, shift))
     adv = torch.where(keep, raw + shift[:, None], torch.zeros((), device=raw.device))
     return adv, stats

@@ -43,7 +43,10 @@ def _meta_sharded_state_dict(cfg: ModelConfig, tp: int) -> dict:
 
     padded = dataclasses.replace(cfg, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by * tp)
     with torch.device("meta"):
-        model = build_gpt_model(padded, ParallelConfig(), META_PRECISION, pre_process=True, post_process=True)
+        # CPU initialisation: on a GPU host megatron would otherwise allocate every weight on the GPU,
+        # whatever the meta context says.
+        model = build_gpt_model(padded, ParallelConfig(), META_PRECISION, pre_process=True, post_process=True,
+                                cpu_initialization=True)
     return model.sharded_state_dict()
 
 
@@ -57,7 +60,8 @@ def _entries(sharded: Mapping[str, object]) -> Iterator[Tuple[str, object, Optio
 
 def _with_data(item, data: torch.Tensor):
     if tuple(data.shape) != tuple(item.data.shape):
-        raise ValueError(f"tensor {item.key!r} has shape {tuple(data.shape)}, the model expects {tuple(item.data.shape)}")
+        raise ValueError(f"tensor {item.key!r} has shape {tuple(data.shape)}, "
+                         f"the model expects {tuple(item.data.shape)}")
     dtype = {"dtype": data.dtype} if "dtype" in {f.name for f in dataclasses.fields(item)} else {}
     return dataclasses.replace(item, data=data, **dtype)
 
@@ -206,7 +210,8 @@ def write_megatron_checkpoint(out_dir: str | Path, cfg: ModelConfig, tp: int, pp
                 item = [dataclasses.replace(sh, data=scratch.own_storage(sh.data)) for sh in sharded_tensors(item)]
             sharded[name] = item
         if staged:
-            raise KeyError(f"tensors the {cfg.num_hidden_layers}-layer model does not have: {sorted(map(str, staged))[:5]}")
+            raise KeyError(f"tensors the {cfg.num_hidden_layers}-layer model does not have: "
+                           f"{sorted(map(str, staged))[:5]}")
         save_sharded_weights(sharded, out, cfg, {"tp": tp, "pp": pp}, **{**meta, "dtype": dtype})
         return {"tensors": tensors, "dtype": dtype}
     finally:

@@ -110,14 +110,19 @@ class ParallelConfig:
 class PrecisionConfig:
     """Numerics of the transformer layers; log-probs and losses are always float32."""
 
-    params_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Weights and activations (bf16 keeps fp32 main weights in the optimizer)."""
+    params_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights and activations (bf16 keeps fp32 main weights in the optimizer); 'auto': bfloat16 when
+    CUDA is present, float32 on CPU."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """Layer spec: Transformer Engine when TE and CUDA are present ('auto'), or megatron's local layers."""
+    local_attention: Literal["megatron", "sdpa"] = "sdpa"
+    """Core attention of the local spec: 'sdpa' is torch's scaled_dot_product_attention (flash / memory-
+    efficient kernels on GPUs, GQA without repeating K/V), 'megatron' is megatron-core's unfused
+    DotProductAttention (baddbmm + fp32 softmax). Same results to float tolerance."""
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
     """FP8 GEMMs through Transformer Engine (None: off)."""
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
-    """Transformer Engine scaling recipe."""
+    """Transformer Engine scaling recipe ('mxfp8' needs a Blackwell GPU and is refused elsewhere)."""
     fp8_amax_history_len: int = 1024
     """Delayed scaling: amax history length."""
     fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"

@@ -35,6 +35,10 @@ class ProcessGroups:
     """Data x context parallel: the group over which the global token statistics are all-reduced."""
     mp: ProcessGroup
     """Model-parallel (TP x PP) group: grad-norm reduction."""
+    device: torch.device
+    """Where this rank's tensors live: its GPU under NCCL, the CPU under gloo. Decided once, here, from
+    the backend the groups talk over, so that every tensor a step builds or all-reduces is on the
+    device its collectives need (NCCL cannot reduce CPU tensors; gloo cannot reduce CUDA ones)."""
 
     @property
     def tp_size(self) -> int:
@@ -104,8 +108,9 @@ def init_parallel(
             f"world size {world} is not divisible by tensor_model_parallel_size ({tp}) x "
             f"pipeline_model_parallel_size ({pp})"
         )
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if parallel.use_distributed_optimizer and not use_cuda:
         raise ValueError("parallel.use_distributed_optimizer needs CUDA (megatron's ZeRO buffers are CUDA-only)")
     if not dist.is_initialized():
@@ -124,6 +129,7 @@ def init_parallel(
         dp=parallel_state.get_data_parallel_group(),
         dp_cp=parallel_state.get_data_parallel_group(with_context_parallel=True),
         mp=parallel_state.get_model_parallel_group(),
+        device=device,
     )
 
 

@@ -7,20 +7,14 @@ change to :func:`build_gpt_model` alone.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from megatron_gndpo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
-
-
-def transformer_engine_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from megatron_gndpo.models.attention import local_layer_spec
+from megatron_gndpo.models.te_support import unavailable_reason
 
 
 def use_transformer_engine(precision: PrecisionConfig) -> bool:
@@ -28,25 +22,53 @@ def use_transformer_engine(precision: PrecisionConfig) -> bool:
     silent fall-back, because the numerics would differ from what the user configured."""
     if precision.transformer_impl == "local":
         return False
-    available = transformer_engine_available()
+    reason = unavailable_reason()
     if precision.transformer_impl == "transformer_engine" or precision.fp8:
-        if not available:
+        if reason is not None:
             what = "precision.fp8" if precision.fp8 else "precision.transformer_impl='transformer_engine'"
-            raise ValueError(f"{what} needs Transformer Engine and CUDA, which this process does not have")
+            raise ValueError(f"{what} needs Transformer Engine on a CUDA device: {reason}")
         return True
-    return available
+    return reason is None
+
+
+def params_dtype(precision: PrecisionConfig) -> torch.dtype:
+    """``params_dtype='auto'``: bf16 on GPUs (what every GPU recipe trains in), fp32 on CPUs (CPU bf16
+    matmuls are slow and the CPU runs are tests and demos). Resolved here, where the model is built, so
+    that one config file means bf16 on the cluster and fp32 in CI."""
+    name = precision.params_dtype
+    if name == "auto":
+        name = "bfloat16" if torch.cuda.is_available() else "float32"
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
+
+
+def check_fp8_recipe(precision: PrecisionConfig) -> None:
+    """Refuse an FP8 recipe this GPU cannot run, before any rank builds a model."""
+    if not precision.fp8 or precision.fp8_recipe != "mxfp8" or not torch.cuda.is_available():
+        return
+    major, minor = torch.cuda.get_device_capability()
+    if major < 10:
+        raise ValueError(f"precision.fp8_recipe='mxfp8' needs a Blackwell GPU (compute capability >= 10.0); "
+                         f"{torch.cuda.get_device_name()} is {major}.{minor}: use 'delayed' or 'tensorwise'")
 
 
 def build_transformer_config(
     model: ModelConfig,
     parallel: ParallelConfig,
     precision: PrecisionConfig,
+    *,
+    cpu_initialization: Optional[bool] = None,
 ):
-    """Our dataclasses -> megatron-core ``TransformerConfig`` (never subclassed)."""
+    """Our dataclasses -> megatron-core ``TransformerConfig`` (never subclassed).
+
+    ``cpu_initialization`` (default: when there is no GPU) makes megatron create the weights with no
+    device, so they land on the CPU or on an enclosing ``torch.device`` context (the converter's meta
+    model); without it megatron allocates them on the current GPU whatever the context says."""
     from megatron.core.transformer import TransformerConfig
 
-    bf16 = precision.params_dtype == "bfloat16"
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    check_fp8_recipe(precision)
+    dtype = params_dtype(precision)
+    if cpu_initialization is None:
+        cpu_initialization = not torch.cuda.is_available()
     fp8_kwargs = {}
     if precision.fp8:
         fp8_kwargs = dict(
@@ -81,10 +103,10 @@ def build_transformer_config(
         sequence_parallel=parallel.sequence_parallel,
         pipeline_dtype=dtype,
         params_dtype=dtype,
-        bf16=bf16,
+        bf16=dtype == torch.bfloat16,
         # CPU init draws every full weight from one generator and then slices it, so the same
         # seed gives the same model at every TP size; on GPUs weights come from checkpoints.
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=cpu_initialization,
         # p2p on gloo is synchronous; the extra CUDA sync around batched isend/irecv is not needed.
         batch_p2p_sync=torch.cuda.is_available(),
         **fp8_kwargs,
@@ -95,10 +117,9 @@ def layer_spec(model: ModelConfig, precision: PrecisionConfig):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_transformer_engine(precision):
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            qk_layernorm=model.qk_layernorm, fp8=precision.fp8
-        )
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+        # No fp8= argument: megatron-core takes FP8 from the TransformerConfig (0.19 deprecates the argument).
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    return local_layer_spec(qk_layernorm=model.qk_layernorm, attention=precision.local_attention)
 
 
 def build_gpt_model(
@@ -108,12 +129,13 @@ def build_gpt_model(
     *,
     pre_process: bool,
     post_process: bool,
+    cpu_initialization: Optional[bool] = None,
 ):
     """A megatron-core decoder for this pipeline stage, logits left vocab-sharded (``parallel_output``)."""
     from megatron.core.models.gpt import GPTModel
 
-    config = build_transformer_config(model, parallel, precision)
-    return GPTModel(
+    config = build_transformer_config(model, parallel, precision, cpu_initialization=cpu_initialization)
+    gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model, precision),
         vocab_size=model.padded_vocab_size(parallel.tensor_model_parallel_size),
@@ -125,3 +147,10 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_base=model.rope_theta,
     )
+    # megatron's local norms (torch.nn.RMSNorm when apex is absent) take neither params_dtype nor the
+    # device: Megatron-LM's training setup casts and moves the whole model (Float16Module, model.cuda()),
+    # and so do we, or those weights stay float32 on the CPU beside bf16 GPU weights.
+    gpt.to(dtype=config.params_dtype)
+    if not config.use_cpu_initialization:
+        gpt.cuda(torch.cuda.current_device())
+    return gpt

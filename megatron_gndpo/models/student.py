@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from megatron_gndpo.config.schema import ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig
-from megatron_gndpo.models.provider import build_gpt_model
+from megatron_gndpo.models.provider import build_gpt_model, params_dtype
 
 
 def build_student(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, *,
@@ -37,7 +37,7 @@ def build_optimizer(optim: OptimConfig, precision: PrecisionConfig, parallel: Pa
     import torch
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    bf16 = precision.params_dtype == "bfloat16"
+    dtype = params_dtype(precision)
     config = OptimizerConfig(
         optimizer="adam",
         lr=optim.lr,
@@ -47,8 +47,8 @@ def build_optimizer(optim: OptimConfig, precision: PrecisionConfig, parallel: Pa
         adam_beta2=optim.adam_beta2,
         adam_eps=optim.adam_eps,
         clip_grad=optim.clip_grad,
-        bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
     return get_megatron_optimizer(config, [model])

@@ -60,16 +60,49 @@ def _pp_neighbour(groups: ProcessGroups, offset: int) -> int:
 
 
 @contextlib.contextmanager
-def _sharded_logits(model):
-    """GPTModel asserts that inference gathers the vocabulary (``runtime_gather_output``). We sample
-    from the shards instead, so only the top-level module leaves inference mode for its
-    post-processing, and for the final position's logits only; every layer below stays in eval mode
-    and keeps using the KV cache. Prefill logits therefore come for every prompt position (sharded)."""
+def _sharded_last_position_logits(model):
+    """Decode-time post-processing: the LM head sees the last position only, and its logits stay
+    vocab-sharded.
+
+    Last position only: a pre-hook on ``output_layer`` slices the final hidden states ``[s, B, h]`` to
+    ``[1, B, h]`` before the LM head, so a prefill never materialises ``[prompt_len, B, V/tp]`` logits
+    (40 GB at 512 x 256 x 152k in bf16). The same on every megatron-core version: 0.19 slices only under
+    its engine's global ``InferenceMode``, 0.16 not at all.
+
+    Sharded: megatron-core 0.16 asserts that inference (an inference context on a module in eval mode)
+    gathers the vocabulary (``runtime_gather_output``). We sample from the shards instead, so only the
+    top-level module leaves eval mode, for its post-processing; every layer below stays in eval mode and
+    keeps using the KV cache. megatron-core 0.19 keys that assert on ``InferenceMode`` instead, which
+    this engine never enters, so the flag is then inert."""
+    def last_position(_module, args, kwargs):
+        return (args[0][-1:], *args[1:]), kwargs
+
+    handle = model.output_layer.register_forward_pre_hook(last_position, with_kwargs=True) \
+        if model.post_process else None
     model.training = True
     try:
         yield
     finally:
         model.training = False
+        if handle is not None:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _fp8_off(model):
+    """Decode without FP8: a decode step feeds B x 1 tokens, which Transformer Engine's FP8 GEMMs refuse
+    unless B is a multiple of 16, and sampling wants the weights' own precision anyway. megatron-core
+    enters FP8 from ``config.fp8`` at each forward, so clearing it on every config object of the model
+    turns FP8 off for the rollout only."""
+    configs = {id(m.config): m.config for m in model.modules() if getattr(getattr(m, "config", None), "fp8", None)}
+    saved = {k: c.fp8 for k, c in configs.items()}
+    for c in configs.values():
+        c.fp8 = None
+    try:
+        yield
+    finally:
+        for k, c in configs.items():
+            c.fp8 = saved[k]
 
 
 def _stage_forward(model, tokens: torch.Tensor, start: int, context, groups: ProcessGroups) -> Optional[torch.Tensor]:
@@ -82,7 +115,7 @@ def _stage_forward(model, tokens: torch.Tensor, start: int, context, groups: Pro
         dist.recv(hidden, src=_pp_neighbour(groups, -1), group=groups.pp)
         model.set_input_tensor(hidden)
     positions = torch.arange(start, start + s, device=tokens.device).expand(b, s)
-    with _sharded_logits(model):
+    with _sharded_last_position_logits(model):
         out = model(tokens, positions, None, inference_context=context)
     if not groups.is_last_stage:
         dist.send(out.contiguous(), dst=_pp_neighbour(groups, +1), group=groups.pp)
@@ -115,7 +148,7 @@ def generate(
                          "(single-token decode steps cannot be split along the sequence)")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate() needs at least one prompt and no empty prompt")
-    device = next(model.parameters()).device
+    device = groups.device
     b = len(prompts)
     plen = torch.tensor([len(p) for p in prompts], device=device)
     total = int(plen.max()) + params.max_new_tokens
@@ -136,26 +169,27 @@ def generate(
     context = StaticInferenceContext(b, total)
     prev, cur = 0, int(plen.min())
     try:
-        while cur < total and not bool(done.all()):
-            logits = _stage_forward(model, tokens[:, prev:cur], prev, context, groups)
-            context.sequence_len_offset += cur - prev
-            if groups.is_last_stage:
-                nxt = vocab_parallel_sample(
-                    logits, rows=rows, position=torch.full_like(rows, cur), seed=seed, group=groups.tp,
-                    temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, vocab_size=vocab_size,
-                )
-            else:
-                nxt = torch.empty(b, dtype=torch.long, device=device)
-            if groups.pp_size > 1:
-                dist.broadcast(nxt, src=last_src, group=groups.pp)
-            in_prompt = cur < plen
-            generating = ~in_prompt & ~done
-            tokens[:, cur] = torch.where(in_prompt, tokens[:, cur],
-                                         torch.where(generating, nxt, torch.full_like(nxt, params.pad_token_id)))
-            resp_len += generating.long()
-            hit_eos = generating & torch.isin(nxt, eos) if eos.numel() else torch.zeros_like(done)
-            done |= hit_eos | (generating & (resp_len >= params.max_new_tokens))
-            prev, cur = cur, cur + 1
+        with _fp8_off(model):
+            while cur < total and not bool(done.all()):
+                logits = _stage_forward(model, tokens[:, prev:cur], prev, context, groups)
+                context.sequence_len_offset += cur - prev
+                if groups.is_last_stage:
+                    nxt = vocab_parallel_sample(
+                        logits, rows=rows, position=torch.full_like(rows, cur), seed=seed, group=groups.tp,
+                        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, vocab_size=vocab_size,
+                    )
+                else:
+                    nxt = torch.empty(b, dtype=torch.long, device=device)
+                if groups.pp_size > 1:
+                    dist.broadcast(nxt, src=last_src, group=groups.pp)
+                in_prompt = cur < plen
+                generating = ~in_prompt & ~done
+                tokens[:, cur] = torch.where(in_prompt, tokens[:, cur],
+                                             torch.where(generating, nxt, torch.full_like(nxt, params.pad_token_id)))
+                resp_len += generating.long()
+                hit_eos = generating & torch.isin(nxt, eos) if eos.numel() else torch.zeros_like(done)
+                done |= hit_eos | (generating & (resp_len >= params.max_new_tokens))
+                prev, cur = cur, cur + 1
     finally:
         model.train(was_training)
     end = int((plen + resp_len).max())

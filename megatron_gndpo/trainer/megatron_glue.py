@@ -48,8 +48,6 @@ def run_schedule(
     for i, mb in enumerate(microbatches):
         if tuple(mb["tokens"].shape) != shape:
             raise ValueError(f"micro-batch {i} has tokens of shape {tuple(mb['tokens'].shape)}, expected {shape}")
-    zero = torch.zeros((), dtype=torch.int)
-
     def forward_step(data_iterator: Iterable, model_chunk):
         batch = next(data_iterator)
         output = model_forward(model_chunk, batch)
@@ -57,10 +55,10 @@ def run_schedule(
         def finish(logits_shard: torch.Tensor):
             if loss_fn is not None:
                 loss, metrics = loss_fn(logits_shard, batch)
-                return loss, zero.to(loss.device), metrics
+                return loss, loss.new_zeros((), dtype=torch.int), metrics
             kept = collect_fn(logits_shard, batch)
             # Scoring keeps tensors, not a loss: return a dummy loss so the schedule's bookkeeping holds.
-            return logits_shard.new_zeros(()), zero.to(logits_shard.device), kept
+            return logits_shard.new_zeros(()), logits_shard.new_zeros((), dtype=torch.int), kept
 
         return output, finish
 

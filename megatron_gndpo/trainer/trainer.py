@@ -7,8 +7,8 @@
 
 Rows of a step: ``prompts_per_step x n_samples`` responses, numbered globally and cut into
 ``mini_batches`` consecutive blocks; data-parallel rank d holds the d-th share of every block (whole
-prompt groups), so each optimizer step sees the same rows at every layout. Tensor- and pipeline-parallel ranks of one replica
-hold the same rows. Log-probs live on the last pipeline stage (where the logits are), so advantages
+prompt groups), so each optimizer step sees the same rows at every layout. Tensor- and pipeline-parallel
+ranks of one replica hold the same rows. Log-probs live on the last pipeline stage (where the logits are), so advantages
 and losses are computed there; everything a loss is divided by is global to the step.
 """
 
@@ -33,7 +33,7 @@ from megatron_gndpo.data.tokenizer import check_tokenizer_fits, eos_ids, load_to
 from megatron_gndpo.distributed.init import destroy_parallel, init_parallel
 from megatron_gndpo.models.quantization import logprob_error, quantize_teacher
 from megatron_gndpo.models.student import build_optimizer, build_scheduler, build_student, unwrap
-from megatron_gndpo.models.teacher import build_teacher
+from megatron_gndpo.models.teacher import OffloadedWeights, build_teacher
 from megatron_gndpo.ops.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
 from megatron_gndpo.rewards import get_reward
 from megatron_gndpo.rollout.generator import Rollout, SamplingParams, generate
@@ -75,15 +75,34 @@ def sequences_from_rollout(rollout: Rollout) -> MicroBatch:
     return _next_token_view(tokens, (t >= p) & (t < p + rollout.response_lengths[:, None]))
 
 
-def sequences_from_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int) -> MicroBatch:
-    """Next-token view of right-padded prompts; ``mask[b, t]`` is 1 where token t+1 is one of row b's
-    prompt tokens."""
-    lengths = torch.tensor([len(p) for p in prompts])
-    tokens = torch.full((len(prompts), int(lengths.max())), pad_token_id, dtype=torch.long)
+def sequences_from_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device) -> MicroBatch:
+    """Next-token view of right-padded prompts on ``device``; ``mask[b, t]`` is 1 where token t+1 is one
+    of row b's prompt tokens."""
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    tokens = torch.full((len(prompts), int(lengths.max())), pad_token_id, dtype=torch.long, device=device)
     for row, ids in enumerate(prompts):
-        tokens[row, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-    t = torch.arange(tokens.shape[1] - 1)[None, :] + 1
+        tokens[row, :len(ids)] = torch.as_tensor(ids, dtype=torch.long, device=device)
+    t = torch.arange(tokens.shape[1] - 1, device=device)[None, :] + 1
     return _next_token_view(tokens, t < lengths[:, None])
+
+
+def pad_sequence_length(batch: MicroBatch, multiple: int, pad_token_id: int) -> MicroBatch:
+    """``batch`` with its sequence dimension right-padded to a multiple of ``multiple`` (mask 0, pad
+    tokens, positions continuing). FP8 GEMMs in Transformer Engine need the token count of every GEMM
+    (rows x sequence) to be a multiple of 16; padded positions are masked out of every loss and
+    statistic, and causal attention keeps them from influencing the real ones."""
+    b, t = batch["tokens"].shape
+    extra = -t % multiple
+    if extra == 0:
+        return batch
+    device = batch["tokens"].device
+    pad = torch.full((b, extra), pad_token_id, dtype=torch.long, device=device)
+    return {
+        "tokens": torch.cat([batch["tokens"], pad], dim=1),
+        "labels": torch.cat([batch["labels"], pad], dim=1),
+        "position_ids": torch.arange(t + extra, device=device).expand(b, t + extra).contiguous(),
+        "mask": torch.cat([batch["mask"], torch.zeros((b, extra), dtype=batch["mask"].dtype, device=device)], dim=1),
+    }
 
 
 def split_rows(batch: MicroBatch, size: int) -> List[MicroBatch]:
@@ -122,6 +141,8 @@ class Trainer:
                                        top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
                                        eos_token_ids=eos_ids(self.tokenizer), pad_token_id=pad)
 
+        # Transformer Engine's FP8 GEMMs need token counts that are multiples of 16 (see pad_sequence_length).
+        self.sequence_multiple = 16 if (cfg.precision.fp8 or cfg.teacher.precision.fp8) else 1
         stage = dict(pre_process=g.is_first_stage, post_process=g.is_last_stage)
         self.model = build_student(cfg.model, cfg.parallel, cfg.precision, **stage)
         self.optimizer = build_optimizer(cfg.optim, cfg.precision, cfg.parallel, self.model)
@@ -129,15 +150,18 @@ class Trainer:
         if cfg.student_checkpoint:
             load_model_weights(unwrap(self.model), cfg.student_checkpoint, cfg.model, "student")
             self.optimizer.reload_model_params()  # fp32 main weights follow the loaded bf16 ones
-        self.teacher = build_teacher(cfg.teacher, cfg.parallel, **stage)
+        offload = cfg.teacher.offload and g.device.type == "cuda"
+        self.teacher = build_teacher(cfg.teacher, cfg.parallel, cpu_initialization=True if offload else None, **stage)
         if cfg.teacher.checkpoint:
             load_model_weights(self.teacher, cfg.teacher.checkpoint, cfg.teacher.model, "teacher")
         else:
             log.warning("teacher.checkpoint is not set: the teacher has random weights (tests only)")
-        self.teacher_quant_metrics = self._quantize_teacher() if cfg.teacher.quantize else {}
-        self.offload_teacher = cfg.teacher.offload and torch.cuda.is_available()
-        if self.offload_teacher:
-            self.teacher.cpu()
+        if cfg.teacher.quantize:
+            self.teacher.to(g.device)  # calibration runs on the GPU; offloading (below) takes it back
+            self.teacher_quant_metrics = self._quantize_teacher()
+        else:
+            self.teacher_quant_metrics = {}
+        self.teacher_offload = OffloadedWeights(self.teacher, g.device) if offload else None
 
         self.step = 0
         self.skipped_steps = 0
@@ -172,7 +196,8 @@ class Trainer:
                 rollout = generate(unwrap(self.model), prompt_ids, rows, self.sampling, groups=g,
                                    vocab_size=cfg.model.vocab_size, seed=self._sampling_seed(),
                                    max_sequence_length=cfg.model.max_position_embeddings)
-            batch = sequences_from_rollout(rollout)
+            batch = pad_sequence_length(sequences_from_rollout(rollout), self.sequence_multiple,
+                                        self.sampling.pad_token_id)
             total_response_tokens = float(_all_reduce(batch["mask"].sum().double(), group=g.dp_cp).item())
             if total_response_tokens == 0:
                 raise EmptyStepError(f"step {self.step + 1}: every response of the global batch is empty "
@@ -212,8 +237,8 @@ class Trainer:
         out = {**train_metrics, **{f"score/{k[len('score_'):]}" if k.startswith("score_") else f"estimator/{k}": v
                                    for k, v in adv_stats.items()}}
         out.update(self._rollout_metrics(rollout, batch, rewards, advantages if g.is_last_stage else None))
-        tokens = float(_all_reduce(torch.tensor(float(rollout.prompt_lengths.sum() + rollout.response_lengths.sum()),
-                                                dtype=torch.float64), group=g.dp_cp).item())
+        tokens = float(_all_reduce((rollout.prompt_lengths.sum() + rollout.response_lengths.sum()).double(),
+                                   group=g.dp_cp).item())
         for name, sec in timer.seconds.items():
             out[f"time/{name}_s"] = sec
         out["perf/tokens_per_s"] = tokens / timer.seconds["step"]
@@ -228,8 +253,8 @@ class Trainer:
         # Mini-batch i is the same global rows at every layout: its i-th block, split over DP ranks.
         mini = self.cfg.trainer.mini_batches
         block, share = self.rows_per_rank * g.dp_size // mini, self.rows_per_rank // mini
-        rows = torch.cat([torch.arange(i * block + g.dp_rank * share, i * block + (g.dp_rank + 1) * share)
-                          for i in range(mini)])
+        rows = torch.cat([torch.arange(i * block + g.dp_rank * share, i * block + (g.dp_rank + 1) * share,
+                                       device=g.device) for i in range(mini)])
         prompt_slot = rows // n
         prompt_ids = [self.train_data.prompt_ids(indices[s]) for s in prompt_slot.tolist()]
         truths = [self.train_data.rows[indices[s]].ground_truth for s in prompt_slot.tolist()]
@@ -241,7 +266,8 @@ class Trainer:
     def _rewards(self, rollout: Rollout, truths: Sequence[str]) -> Dict[str, torch.Tensor]:
         texts = self.tokenizer.batch_decode(rollout.responses(), skip_special_tokens=True)
         scored = [self.reward_fn(text, truth) for text, truth in zip(texts, truths)]
-        return {k: torch.tensor([s[k] for s in scored], dtype=torch.float32) for k in ("reward", "acc", "format")}
+        return {k: torch.tensor([s[k] for s in scored], dtype=torch.float32, device=self.groups.device)
+                for k in ("reward", "acc", "format")}
 
     def _quantize_teacher(self) -> Dict[str, float]:
         """ModelOpt post-training quantisation of the teacher (``teacher.quantize``): scales calibrated
@@ -258,7 +284,8 @@ class Trainer:
         def rank_rows(first: int) -> List[MicroBatch]:
             start = first + g.dp_rank * share
             prompts = [self.train_data.prompt_ids(i) for i in range(start, start + share)]
-            return split_rows(sequences_from_prompts(prompts, self.sampling.pad_token_id), mbs)
+            batch = sequences_from_prompts(prompts, self.sampling.pad_token_id, g.device)
+            return split_rows(pad_sequence_length(batch, self.sequence_multiple, self.sampling.pad_token_id), mbs)
 
         calibration, held_out = rank_rows(0), rank_rows(n // 2)
         reference = self._score(self.teacher, held_out)
@@ -273,18 +300,10 @@ class Trainer:
                     "prompt tokens", cfg.teacher.quantize, error["abs_mean"], error["abs_max"], error["tokens"])
         return {f"teacher_quant/logprob_{k}": v for k, v in error.items()}
 
-    @contextlib.contextmanager
     def _teacher_on_device(self):
-        """With ``teacher.offload`` on GPUs the teacher lives in CPU memory outside its scoring phase."""
-        if not self.offload_teacher:
-            yield
-            return
-        self.teacher.cuda()
-        try:
-            yield
-        finally:
-            self.teacher.cpu()
-            torch.cuda.empty_cache()
+        """With ``teacher.offload`` on GPUs the teacher's weights live in pinned CPU memory outside its
+        scoring phase."""
+        return self.teacher_offload.on_device() if self.teacher_offload else contextlib.nullcontext()
 
     @torch.no_grad()
     def _score(self, model, microbatches: List[MicroBatch]) -> Optional[torch.Tensor]:
@@ -350,7 +369,8 @@ class Trainer:
         g = self.groups
         resp = rollout.response_lengths.double()
         local = torch.stack([
-            torch.tensor(float(resp.numel()), dtype=torch.float64), resp.sum(), rollout.truncated.double().sum(),
+            torch.tensor(float(resp.numel()), dtype=torch.float64, device=g.device), resp.sum(),
+            rollout.truncated.double().sum(),
             rewards["reward"].double().sum(), rewards["acc"].double().sum(), rewards["format"].double().sum(),
         ])
         s = _all_reduce(local, group=g.dp_cp).tolist()
