@@ -135,7 +135,8 @@ def main() -> None:
     print(f"model {model_bytes / GB:.2f} GiB (bf16), one decoder layer {layer_bytes / GB:.3f} GiB, "
           f"shard limit {args.shard_gb} GiB, torch {torch.__version__}")
     base = results["baseline (tiny model)"]["peak_anon_bytes"]
-    print(f"{'direction':<26}{'seconds':>9}{'peak anon GiB':>15}{'- baseline':>12}{'x model':>9}{'file-backed GiB':>17}")
+    print(f"{'direction':<26}{'seconds':>9}{'peak anon GiB':>15}{'- baseline':>12}{'x model':>9}"
+          f"{'file-backed GiB':>17}")
     for name, r in results.items():
         r["above_baseline_bytes"] = r["peak_anon_bytes"] - base
         print(f"{name:<26}{r['seconds']:>9.1f}{r['peak_anon_bytes'] / GB:>15.2f}{r['above_baseline_bytes'] / GB:>12.2f}"

@@ -134,7 +134,8 @@ def measure(variant, n_tokens, vocab, hidden, group, device, repeats):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         peak, sent = max(peak, mem.peak), comm.bytes
-    return {"time_ms": 1e3 * statistics.median(times), "peak_mib": peak / 2**20, "comm_bytes_per_token": sent / n_tokens}
+    return {"time_ms": 1e3 * statistics.median(times), "peak_mib": peak / 2**20,
+            "comm_bytes_per_token": sent / n_tokens}
 
 
 def _worker(rank, world, port, cfg, queue):
@@ -165,7 +166,8 @@ def main():
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "vocab_parallel.json"))
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                              "vocab_parallel.json"))
     args = p.parse_args()
     cfg = vars(args)
     rows = []

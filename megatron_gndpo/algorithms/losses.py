@@ -51,7 +51,8 @@ def _approx_kl(logprobs, old_logprobs, mask, agg, normalizer):
 
 @POLICY_LOSSES.register("ppo")
 def ppo(logprobs, old_logprobs, advantages, mask, *, normalizer: float, agg: str = "token-mean",
-        clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: Optional[float] = None) -> Tuple[torch.Tensor, Metrics]:
+        clip_low: float = 0.2, clip_high: float = 0.2,
+        dual_clip: Optional[float] = None) -> Tuple[torch.Tensor, Metrics]:
     """Token-level clipped surrogate:
     rho_t = exp(lp_new_t - lp_old_t);  l_t = max(-A_t rho_t, -A_t clip(rho_t, 1 - eps_lo, 1 + eps_hi)),
     optionally dual-clipped (A_t < 0: min(l_t, -A_t c)); aggregated by ``agg`` over the global step.
@@ -65,7 +66,8 @@ def ppo(logprobs, old_logprobs, advantages, mask, *, normalizer: float, agg: str
 
 @POLICY_LOSSES.register("gspo")
 def gspo(logprobs, old_logprobs, advantages, mask, *, normalizer: float, agg: str = "seq-mean-token-mean",
-         clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: Optional[float] = None) -> Tuple[torch.Tensor, Metrics]:
+         clip_low: float = 0.2, clip_high: float = 0.2,
+         dual_clip: Optional[float] = None) -> Tuple[torch.Tensor, Metrics]:
     """Sequence-ratio surrogate (GSPO, as the GNDPO reference trains):
     log s_it = lp_new_t - sg(lp_new_t) + sg(mean_t(M (lp_new - lp_old))) (clamped at 10), so every token
     of sequence i carries the sequence's geometric-mean ratio in value and its own gradient;

@@ -70,7 +70,8 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1) -> Dict[
     cfg = model_config_from_hf(hf_config)
     padded = _check_layout(cfg, tp, pp)
     with HFCheckpointReader(hf_path) as hf:
-        unexpected = sorted(set(hf.keys()) - set(hf_tensor_shapes(cfg)) - {k for k in hf.keys() if ignorable_hf_key(k, cfg)})
+        ignorable = {k for k in hf.keys() if ignorable_hf_key(k, cfg)}
+        unexpected = sorted(set(hf.keys()) - set(hf_tensor_shapes(cfg)) - ignorable)
         if unexpected:
             raise KeyError(f"Hugging Face checkpoint has tensors this {cfg.num_hidden_layers}-layer config does not "
                            f"use: {unexpected[:5]}")
@@ -86,7 +87,8 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1) -> Dict[
 def _hf_config(cfg: ModelConfig, family: str, dtype: str):
     import transformers
 
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "qwen3": transformers.Qwen3Config}[family]
     kwargs = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                   num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
                   num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,

@@ -193,7 +193,8 @@ class CheckpointManager:
         _barrier()
         return final
 
-    def load(self, path: str | os.PathLike, model, optimizer, scheduler, *, model_config: ModelConfig) -> Dict[str, Any]:
+    def load(self, path: str | os.PathLike, model, optimizer, scheduler, *,
+             model_config: ModelConfig) -> Dict[str, Any]:
         """Restore everything saved at ``path``; returns the trainer state. RNG states are restored
         only when the checkpoint was taken at this same TP x PP layout (they are per rank)."""
         from megatron.core import dist_checkpointing

@@ -54,7 +54,8 @@ def _gate_up_split(cfg: ModelConfig, fc1):
 
 # stacked megatron key -> (merge, split, HF keys inside model.layers.{i}.)
 LAYER_FUSED: Dict[str, Tuple[Callable, Callable, Tuple[str, ...]]] = {
-    L + "self_attention.linear_qkv.weight": (_qkv_merge, _qkv_split, tuple(f"self_attn.{p}_proj.weight" for p in "qkv")),
+    L + "self_attention.linear_qkv.weight": (_qkv_merge, _qkv_split,
+                                            tuple(f"self_attn.{p}_proj.weight" for p in "qkv")),
     L + "self_attention.linear_qkv.bias": (_qkv_merge, _qkv_split, tuple(f"self_attn.{p}_proj.bias" for p in "qkv")),
     L + "mlp.linear_fc1.weight": (_gate_up_merge, _gate_up_split, ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
 }
@@ -77,14 +78,16 @@ def model_config_from_hf(hf_config) -> ModelConfig:
     arch = hf_config.model_type
     if arch not in ("llama", "qwen2", "qwen3"):
         raise ValueError(f"unsupported architecture {arch!r}; supported: llama, qwen2, qwen3")
-    rope = getattr(hf_config, "rope_theta", None) or (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    rope = (getattr(hf_config, "rope_theta", None)
+            or (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
     return ModelConfig(
         vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
         num_hidden_layers=hf_config.num_hidden_layers, num_attention_heads=hf_config.num_attention_heads,
         num_key_value_heads=hf_config.num_key_value_heads,
         head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
         intermediate_size=hf_config.intermediate_size, rope_theta=float(rope), rms_norm_eps=hf_config.rms_norm_eps,
-        qk_layernorm=arch == "qwen3", attention_bias=arch == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+        qk_layernorm=arch == "qwen3",
+        attention_bias=arch == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
         tie_word_embeddings=bool(hf_config.tie_word_embeddings),
         max_position_embeddings=hf_config.max_position_embeddings,
     )
@@ -140,7 +143,8 @@ def ignorable_hf_key(key: str, cfg: ModelConfig) -> bool:
     return key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and cfg.tie_word_embeddings)
 
 
-def non_layer_from_hf(get: Callable[[str], torch.Tensor], cfg: ModelConfig, padded_vocab: int) -> Dict[str, torch.Tensor]:
+def non_layer_from_hf(get: Callable[[str], torch.Tensor], cfg: ModelConfig,
+                      padded_vocab: int) -> Dict[str, torch.Tensor]:
     """Embedding, final norm and (untied) output layer, vocabulary padded to ``padded_vocab`` rows."""
     get = _checked(get, cfg)
     out = {"embedding.word_embeddings.weight": pad_vocab(get("model.embed_tokens.weight"), padded_vocab),

@@ -19,7 +19,8 @@ import torch.distributed as dist
 RECIPES = {"fp8": "FP8_DEFAULT_CFG"}
 
 
-def quantize_teacher(model: torch.nn.Module, method: str, calibrate: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
+def quantize_teacher(model: torch.nn.Module, method: str,
+                     calibrate: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
     """``model`` quantised with ModelOpt's ``method`` recipe (see :data:`RECIPES`), its scales
     calibrated by ``calibrate(model)`` (forward passes over calibration data, through the pipeline
     schedule when the model is one stage of several), and its weights compressed."""

@@ -259,13 +259,13 @@ class _VocabParallelKL(torch.autograd.Function):
             m = _all_reduce(torch.stack([xs.max(-1).values, xt.max(-1).values], 1), dist.ReduceOp.MAX, group)
             z = _all_reduce(torch.stack([torch.exp(xs - m[:, :1]).sum(-1), torch.exp(xt - m[:, 1:]).sum(-1)], 1),
                             dist.ReduceOp.SUM, group)
-            l = m + z.log()
-            ls, lt = xs - l[:, :1], xt - l[:, 1:]
+            log_z = m + z.log()
+            ls, lt = xs - log_z[:, :1], xt - log_z[:, 1:]
             # padded columns carry p = 0 in both distributions, so their summands and grads are 0
             summand, g = _kl_terms(ls, lt, kind, beta)
             sums = _all_reduce(torch.stack([summand.sum(-1), (ls.exp() * g).sum(-1)], 1), dist.ReduceOp.SUM, group)
             out[i:i + chunk] = sums[:, 0]
-            lse[i:i + chunk] = l
+            lse[i:i + chunk] = log_z
             mean_g[i:i + chunk] = sums[:, 1]
         ctx.save_for_backward(s_logits, t_logits, lse, mean_g)
         ctx.cfg = (kind, beta, temperature, vocab_size, chunk, start)

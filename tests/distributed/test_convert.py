@@ -215,7 +215,8 @@ def test_bf16_checkpoint_streams_in_its_own_dtype(tmp_path):
     # a re-export with fewer, larger shards replaces the directory: no stale shard survives beside the index
     run_distributed(_convert, 1, args=("megatron_to_hf", str(tmp_path / "mg"), str(tmp_path / "back")))
     index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
-    assert sorted(p.name for p in (tmp_path / "back").glob("*.safetensors")) == sorted(set(index["weight_map"].values()))
+    shards = sorted(p.name for p in (tmp_path / "back").glob("*.safetensors"))
+    assert shards == sorted(set(index["weight_map"].values()))
     assert len(set(index["weight_map"].values())) == 1 and not (tmp_path / "back.tmp").exists()
 
 

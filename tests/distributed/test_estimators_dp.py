@@ -57,7 +57,8 @@ def test_gndpo_and_loss_gradients_are_split_invariant():
     for name in ("ppo", "gspo"):
         for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
             new = old.clone().add_(0.1).requires_grad_(True)
-            loss, _ = losses.POLICY_LOSSES.get(name)(new, old, a, mask, normalizer=global_normalizer(mask, agg), agg=agg)
+            loss, _ = losses.POLICY_LOSSES.get(name)(new, old, a, mask, normalizer=global_normalizer(mask, agg),
+                                                     agg=agg)
             loss.backward()
             refs[(name, agg)] = (loss.detach(), new.grad)
     for rank, res in enumerate(run_distributed(_per_dp, 4)):
@@ -71,7 +72,8 @@ def test_gndpo_and_loss_gradients_are_split_invariant():
                 total, grad, (lo, hi) = res[(name, agg, dp)]
                 where = f"rank {rank} DP={dp} {name}/{agg}"
                 torch.testing.assert_close(total, ref_loss, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} loss: {m}")
-                torch.testing.assert_close(grad, ref_grad[lo:hi], rtol=1e-5, atol=1e-7, msg=lambda m: f"{where} grad: {m}")
+                torch.testing.assert_close(grad, ref_grad[lo:hi], rtol=1e-5, atol=1e-7,
+                                           msg=lambda m: f"{where} grad: {m}")
 
 
 def _too_few(groups):

@@ -129,7 +129,8 @@ def _teacher_after_student_step(groups):
         "teacher_grads": any(p.grad is not None or hasattr(p, "main_grad") for p in teacher.parameters()),
         "teacher_in_optimizer": any(id(p) in optimizer_params for p in teacher.parameters()),
         "teacher_training": teacher.training,
-        "teacher_changed": [k for k, v in teacher.state_dict().items() if torch.is_tensor(v) and not torch.equal(v, before[k])],
+        "teacher_changed": [k for k, v in teacher.state_dict().items()
+                            if torch.is_tensor(v) and not torch.equal(v, before[k])],
     }
 
 

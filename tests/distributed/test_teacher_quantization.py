@@ -44,7 +44,8 @@ def _one_linear(groups):
     hook.remove()
     x, y = seen["x"], seen["y"].double()
     expected = _e4m3(x, fc1.input_quantizer.amax) @ _e4m3(weight, fc1.weight_quantizer.amax).T
-    return {"error": (y - expected).abs().max().item(), "vs_unquantised": (y - x.double() @ weight.double().T).abs().max().item(),
+    return {"error": (y - expected).abs().max().item(),
+            "vs_unquantised": (y - x.double() @ weight.double().T).abs().max().item(),
             "fc1_dtype": fc1.weight.dtype, "lm_head_dtype": model.output_layer.weight.dtype,
             "embedding_dtype": model.embedding.word_embeddings.weight.dtype}
 

@@ -106,7 +106,8 @@ def test_ops_match_float64_reference_at_tp_1_2_4(dtype, extreme):
                 out, grad, sl = res[(tp, kind, kw)]
                 where = f"rank {rank} TP={tp} {kind}{dict(kw)} {dtype} extreme={extreme}"
                 assert torch.isfinite(out).all() and torch.isfinite(grad).all(), f"{where}: non-finite"
-                torch.testing.assert_close(out.double(), ref_out, rtol=rtol, atol=atol, msg=lambda m: f"{where} value: {m}")
+                torch.testing.assert_close(out.double(), ref_out, rtol=rtol, atol=atol,
+                                           msg=lambda m: f"{where} value: {m}")
                 torch.testing.assert_close(grad.double(), ref_grad[:, sl], rtol=rtol, atol=atol,
                                            msg=lambda m: f"{where} grad: {m}")
             vals, ids = res[(tp, "topk")]

@@ -21,14 +21,16 @@ def test_unknown_keys_and_bad_values_name_their_path():
         load_config(EXAMPLES / "demo.yaml", ["model.hiden_size=3"])
     with pytest.raises(ValueError, match="precision.transformer_impl must be one of"):
         load_config(None, ["precision.transformer_impl=te"])
-    with pytest.raises(ValueError, match="model.num_attention_heads .4. must be divisible by parallel.tensor_model_parallel_size .8."):
+    with pytest.raises(ValueError, match="model.num_attention_heads .4. must be divisible by "
+                                         "parallel.tensor_model_parallel_size .8."):
         load_config(None, ["parallel.tensor_model_parallel_size=8", "model.intermediate_size=64"])
     with pytest.raises(ValueError, match="dotted.key=value"):
         load_config(None, ["model.hidden_size"])
 
 
 def test_teacher_with_another_vocabulary_is_refused():
-    with pytest.raises(ValueError, match=r"teacher vocabulary \(1001 tokens\) differs from the student's \(1000 tokens\)"):
+    with pytest.raises(ValueError,
+                       match=r"teacher vocabulary \(1001 tokens\) differs from the student's \(1000 tokens\)"):
         RunConfig(model=ModelConfig(vocab_size=1000), teacher=TeacherConfig(model=ModelConfig(vocab_size=1001)))
     # same true size, different padding: 1000 pads to 1024 vs 1000 -> refused naming both settings
     with pytest.raises(ValueError, match="teacher padded vocabulary .1000. differs from the student's .1024."):
@@ -49,4 +51,5 @@ def test_teacher_quantisation_settings_are_checked():
     with pytest.raises(ValueError, match="teacher.calibration_prompts must be an even number >= 2, got 7"):
         load_config(None, ["teacher.quantize=fp8", "teacher.calibration_prompts=7"])
     with pytest.raises(ValueError, match="two FP8 schemes"):
-        load_config(None, ["teacher.quantize=fp8", "precision.fp8=hybrid", "precision.transformer_impl=transformer_engine"])
+        load_config(None, ["teacher.quantize=fp8", "precision.fp8=hybrid",
+                           "precision.transformer_impl=transformer_engine"])

@@ -41,7 +41,8 @@ def convert_rows(records: Iterable[Dict], split: str) -> List[Dict]:
     for i, r in enumerate(records):
         for column in ("problem", "answer"):
             if not isinstance(r.get(column), str):
-                raise ValueError(f"Geometry3K {split} row {i}: column '{column}' must be a string, got {r.get(column)!r:.60}")
+                raise ValueError(f"Geometry3K {split} row {i}: column '{column}' must be a string, "
+                                 f"got {r.get(column)!r:.60}")
         problem = r["problem"].replace("<image>", "").strip()
         images = r.get("images") or []
         out.append(verl_row([{"role": "user", "content": "<image>" * len(images) + problem + INSTRUCTION}],
