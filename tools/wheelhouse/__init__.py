@@ -1,0 +1,1 @@
+"""An offline install kit ("wheelhouse") of the GPU extras for an air-gapped cluster: ``python -m tools.wheelhouse``."""
