@@ -8,7 +8,13 @@ TORCH_PIN := $(if $(HAS_CUDA),,torch==2.13.0)
 CONSTRAINTS := $(if $(HAS_CUDA),,-c requirements/ci-constraints.txt)
 NPROC ?= 2
 
-.PHONY: demo test venv clean
+# megatron-core's newest release, which GPU machines run (Python 3.12), tested on CI's Python 3.11 too:
+# its sdist builds there with --ignore-requires-python, after torch, triton and pybind11.
+MCORE_LATEST ?= 0.19.2
+VENV_LATEST ?= .venv-mcore-latest
+PY_LATEST := $(VENV_LATEST)/bin/python
+
+.PHONY: demo test test-mcore-latest venv clean
 
 $(VENV)/.installed: setup.py requirements/ci-constraints.txt
 	test -x $(PY) || python3 -m venv $(if $(HAS_CUDA),--system-site-packages,) $(VENV)
@@ -25,5 +31,19 @@ demo: venv
 test: venv
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
+$(VENV_LATEST)/.installed: setup.py requirements/mcore-latest-constraints.txt
+	test -x $(PY_LATEST) || python3 -m venv $(VENV_LATEST)
+	$(PY_LATEST) -m pip install -q --upgrade pip
+	$(PY_LATEST) -m pip install -q -c requirements/mcore-latest-constraints.txt torch triton pybind11 numpy setuptools wheel
+	$(PY_LATEST) -m pip install -q --no-build-isolation --ignore-requires-python --no-binary megatron-core \
+		megatron-core==$(MCORE_LATEST)
+	$(PY_LATEST) -m pip install -q -c requirements/mcore-latest-constraints.txt -e ".[dev]"
+	touch $@
+
+# Every test that reaches megatron-core (unit + spawned worlds), against its newest release.
+test-mcore-latest: $(VENV_LATEST)/.installed
+	$(PY_LATEST) -c "import megatron.core as m; assert m.__version__.startswith('$(MCORE_LATEST)'), m.__version__"
+	$(PY_LATEST) -m pytest tests/unit tests/distributed -q -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_LATEST) build *.egg-info
