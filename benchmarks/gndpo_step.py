@@ -56,7 +56,7 @@ def run_config(args, tmp: Path):
         "algorithm": {"estimator": "gndpo", "policy_loss": "gspo"},
         "data": {"train_files": [str(tmp / "prompts.parquet")],
                  "tokenizer": str(ROOT / "examples/arithmetic/tokenizer"),
-                 "max_prompt_length": args.prompt_len + 16, "reward": "exact_match"},
+                 "max_prompt_length": args.prompt_len + 8, "reward": "exact_match"},
         "trainer": {"steps": args.steps, "prompts_per_step": args.prompts, "micro_batch_size": args.micro_batch,
                     "mini_batches": 1, "output_dir": str(tmp / "run"), "tensorboard": False, "progress": False},
     })

@@ -8,6 +8,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def pytest_configure(config):
     config.addinivalue_line("markers", "distributed: runs in several spawned gloo processes")
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped on CPU)")
+    config.addinivalue_line("markers", "soak: long reliability runs (kill / resume); deselect with -m 'not soak'")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -57,5 +57,5 @@ def make_initial_checkpoints(groups, tmp: str):
     cfg = run_config(tmp)
     for arch, name in ((cfg.model, "student"), (cfg.teacher.model, "teacher")):
         model = build_gpt_model(arch, cfg.parallel, cfg.precision, pre_process=True, post_process=True)
-        save_model_weights(model, tmp / name, arch, {"tp": 1, "pp": 1})
+        save_model_weights(model, tmp / name, arch, {"tp": 1, "pp": 1}, tokenizer=cfg.data.tokenizer)
     return dataclasses.asdict(cfg)["model"]

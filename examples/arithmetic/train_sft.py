@@ -47,7 +47,7 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
-    from megatron_gndpo.checkpoint.dist_ckpt import META_FILE, save_model_weights
+    from megatron_gndpo.checkpoint.dist_ckpt import META_FILE, TOKENIZER_DIR, copy_tokenizer, save_model_weights
     from megatron_gndpo.config import load_config
     from megatron_gndpo.config.schema import OptimConfig
     from megatron_gndpo.data.prompts import PromptDataset
@@ -66,6 +66,8 @@ def main(argv=None):
               "model": dataclasses.asdict(arch), "seed": cfg.seed}
     meta = Path(args.out) / META_FILE
     if meta.is_file() and json.loads(meta.read_text()).get("recipe") == recipe:
+        # the trainer checks a checkpoint's tokenizer; caches written before that lack it
+        copy_tokenizer(cfg.data.tokenizer, Path(args.out) / TOKENIZER_DIR)
         print(f"{args.role}: cached at {args.out} (accuracy {json.loads(meta.read_text())['val_acc']:.3f})")
         return
 
@@ -103,7 +105,7 @@ def main(argv=None):
                       vocab_size=arch.vocab_size, max_sequence_length=arch.max_position_embeddings,
                       limit=len(val))["val/acc"]
     save_model_weights(unwrap(model), args.out, arch, {"tp": groups.tp_size, "pp": groups.pp_size},
-                       recipe=recipe, val_acc=acc)
+                       recipe=recipe, val_acc=acc, tokenizer=cfg.data.tokenizer)
     if is_rank0():
         print(f"{args.role}: held-out accuracy {acc:.3f}, saved to {args.out}")
     destroy_parallel()

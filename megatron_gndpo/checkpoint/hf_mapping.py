@@ -12,7 +12,7 @@ reusable transforms (QKV, gated MLP) covers the family; the rollout weight sync 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Tuple
 
 import torch
 
@@ -73,24 +73,179 @@ def _layer_keys(cfg: ModelConfig):
     return renames, fused
 
 
-def model_config_from_hf(hf_config) -> ModelConfig:
-    """A transformers ``LlamaConfig`` / ``Qwen2Config`` / ``Qwen3Config`` -> our ModelConfig."""
+# What megatron-core's llama3 RoPE scaling (RotaryEmbedding._apply_scaling, 0.16 and 0.19) hard-codes:
+# GPTModel passes it only the factor. An HF config with other values is refused, never approximated.
+LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# rope_type -> the keys its parameters may hold ("partial_rotary_factor" is checked on its own)
+ROPE_KEYS = {"default": {"rope_type", "rope_theta"},
+             "linear": {"rope_type", "rope_theta", "factor"},
+             "llama3": {"rope_type", "rope_theta", "factor", *LLAMA3_FIXED}}
+# (config class, model class, qk_layernorm, attention_bias) of each family: what its transformers model computes
+FAMILY_TRAITS = {"llama": ("LlamaConfig", "LlamaForCausalLM", False, False),
+                 "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", False, True),
+                 "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", True, False)}
+
+# Every field a Llama / Qwen2 / Qwen3 config may carry and why accepting it is safe. A field not listed
+# is refused by name: it may change what the model computes (a quantization_config, an attention
+# variant), and dropping it would give a converted model whose logits differ, with no error.
+#
+#   field                                 | handling
+#   --------------------------------------+----------------------------------------------------------------
+#   vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads
+#   head_dim rms_norm_eps tie_word_embeddings max_position_embeddings
+#                                         | mapped to the ModelConfig field of the same name
+#   rope_parameters (transformers 5),     | mapped to rope_theta / rope_scaling / rope_scaling_factor for
+#   rope_scaling rope_theta               | rope_type default, linear and llama3 (llama3 only with megatron's
+#   partial_rotary_factor (4.x)           | fixed LLAMA3_FIXED); other types and keys refused;
+#                                         | partial_rotary_factor must be 1
+#   attention_bias                        | qwen2: unread (q/k/v always biased) -> attention_bias=True;
+#                                         | llama, qwen3: it also biases o_proj, which megatron's layer spec
+#                                         | has no parameter for -> must be false
+#   hidden_act                            | must be "silu" (megatron is built with SwiGLU on F.silu)
+#   mlp_bias                              | must be false (megatron is built with add_bias_linear=False)
+#   attention_dropout                     | must be 0 (transformers applies it when training; megatron is
+#                                         | built without)
+#   use_sliding_window, layer_types       | must be false / all "full_attention" (megatron builds full causal
+#                                         | attention in every layer)
+#   use_mrope, is_encoder_decoder         | must be false: DeepSeek-R1-Distill-Qwen configs carry "use_mrope":
+#                                         | false; true marks weights trained with Qwen2-VL's 3-D positions
+#   sliding_window, max_window_layers     | inert: read only for "sliding_attention" layers, refused above
+#   pretraining_tp                        | inert: unread by transformers 5; 4.x splits the same matmuls into
+#                                         | that many slices (the same sums in another order)
+#   initializer_range                     | inert: initialisation only, the weights come from the checkpoint
+#   bos/eos/pad_token_id, tokenizer_class | inert for the forward: tokenizer and generation metadata
+#                                         | (pad_token_id's padding_idx only masks that row's gradient)
+#   use_cache, output_attentions,         | inert: what forward returns, not its values
+#   output_hidden_states, return_dict     |
+#   dtype / torch_dtype                   | inert: tensors are converted in their stored dtype
+#   _name_or_path architectures model_type transformers_version | names
+HF_MAPPED_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings",
+    "rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "attention_bias"})
+HF_REQUIRED_VALUES = {"hidden_act": "silu", "mlp_bias": False, "attention_dropout": 0.0,
+                      "use_sliding_window": False, "use_mrope": False, "is_encoder_decoder": False}
+HF_INERT_FIELDS = frozenset({
+    "layer_types", "sliding_window", "max_window_layers", "pretraining_tp", "initializer_range",
+    "bos_token_id", "eos_token_id", "pad_token_id", "tokenizer_class", "use_cache", "output_attentions",
+    "output_hidden_states", "return_dict", "dtype", "torch_dtype", "_name_or_path", "architectures",
+    "model_type", "transformers_version"})
+
+
+def hf_rope_parameters(hf_config) -> Dict[str, Any]:
+    """The config's RoPE settings as one flat dict with ``rope_type`` and ``rope_theta``: transformers 5
+    keeps them in ``rope_parameters``, 4.x in ``rope_scaling`` beside top-level ``rope_theta`` and
+    ``partial_rotary_factor``; the legacy key ``type`` is read as ``rope_type``."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if getattr(hf_config, key, None) is not None:
+            params.setdefault(key, getattr(hf_config, key))
+    params.setdefault("rope_theta", 10000.0)
+    legacy = params.pop("type", None)
+    params.setdefault("rope_type", legacy or "default")
+    if legacy is not None and legacy != params["rope_type"]:
+        raise ValueError(f"rope_parameters has rope_type={params['rope_type']!r} and type={legacy!r}")
+    return params
+
+
+def rope_from_hf(params: Mapping[str, Any]) -> Dict[str, Any]:
+    """HF RoPE parameters (as ``hf_rope_parameters`` returns them) -> ModelConfig's ``rope_theta``,
+    ``rope_scaling``, ``rope_scaling_factor``. Raises ValueError naming the rope type or key when
+    megatron-core does not compute exactly what transformers does for them."""
+    rope_type = params["rope_type"]
+    if rope_type not in ROPE_KEYS:
+        raise ValueError(f"rope_parameters.rope_type={rope_type!r} is not supported: megatron-core computes "
+                         f"only {sorted(ROPE_KEYS)} the way transformers does")
+    unknown = sorted(set(params) - ROPE_KEYS[rope_type] - {"partial_rotary_factor"})
+    if unknown:
+        raise ValueError(f"rope_parameters keys {unknown} are not supported with rope_type={rope_type!r}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"rope_parameters.partial_rotary_factor={params['partial_rotary_factor']!r} is not "
+                         "supported: only full-width RoPE (1.0)")
+    if rope_type == "llama3":
+        for key, fixed in LLAMA3_FIXED.items():
+            if params.get(key) != fixed:
+                raise ValueError(f"rope_parameters.{key}={params.get(key)!r} is not supported: megatron-core's "
+                                 f"llama3 RoPE scaling has it fixed at {fixed!r}")
+    scaling = None if rope_type == "default" else rope_type
+    return {"rope_theta": float(params["rope_theta"]), "rope_scaling": scaling,
+            "rope_scaling_factor": float(params["factor"]) if scaling else None}
+
+
+def rope_to_hf(cfg: ModelConfig) -> Dict[str, Any]:
+    """The inverse of ``rope_from_hf``: ModelConfig's RoPE fields -> HF ``rope_parameters``."""
+    params: Dict[str, Any] = {"rope_type": cfg.rope_scaling or "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        params["factor"] = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "llama3":
+        params.update(LLAMA3_FIXED)
+    return params
+
+
+def check_hf_config(hf_config) -> None:
+    """Refuse a config whose fields change the math in a way ModelConfig does not map (the table above):
+    raises ValueError naming every such field."""
     arch = hf_config.model_type
-    if arch not in ("llama", "qwen2", "qwen3"):
-        raise ValueError(f"unsupported architecture {arch!r}; supported: llama, qwen2, qwen3")
-    rope = (getattr(hf_config, "rope_theta", None)
-            or (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
+    fields = hf_config.to_diff_dict()  # every field set in the file or differing from transformers' default
+    problems = [f"{k}={fields[k]!r} (not understood by the converter: remove it from config.json only if it "
+                "does not change the model's outputs)"
+                for k in sorted(set(fields) - HF_MAPPED_FIELDS - HF_INERT_FIELDS - set(HF_REQUIRED_VALUES))]
+    for key, want in HF_REQUIRED_VALUES.items():
+        value = getattr(hf_config, key, want)
+        if value != want:
+            problems.append(f"{key}={value!r} (only {want!r} is supported)")
+    sliding = sorted({t for t in (getattr(hf_config, "layer_types", None) or []) if t != "full_attention"})
+    if sliding:
+        problems.append(f"layer_types with {sliding} (only full_attention is supported)")
+    if arch != "qwen2" and getattr(hf_config, "attention_bias", False):
+        problems.append(f"attention_bias=True ({arch} biases o_proj too, which megatron's layer has no "
+                        "parameter for)")
+    if problems:
+        raise ValueError(f"unsupported {arch} config: " + "; ".join(problems))
+
+
+def model_config_from_hf(hf_config) -> ModelConfig:
+    """A transformers ``LlamaConfig`` / ``Qwen2Config`` / ``Qwen3Config`` -> our ModelConfig. Every field
+    that changes the math and is not mapped is refused (``check_hf_config``, ``rope_from_hf``)."""
+    arch = hf_config.model_type
+    if arch not in FAMILY_TRAITS:
+        raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(FAMILY_TRAITS)}")
+    check_hf_config(hf_config)
     return ModelConfig(
         vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
         num_hidden_layers=hf_config.num_hidden_layers, num_attention_heads=hf_config.num_attention_heads,
         num_key_value_heads=hf_config.num_key_value_heads,
         head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
-        intermediate_size=hf_config.intermediate_size, rope_theta=float(rope), rms_norm_eps=hf_config.rms_norm_eps,
-        qk_layernorm=arch == "qwen3",
-        attention_bias=arch == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+        intermediate_size=hf_config.intermediate_size, rms_norm_eps=hf_config.rms_norm_eps,
+        qk_layernorm=FAMILY_TRAITS[arch][2], attention_bias=FAMILY_TRAITS[arch][3],
         tie_word_embeddings=bool(hf_config.tie_word_embeddings),
         max_position_embeddings=hf_config.max_position_embeddings,
+        **rope_from_hf(hf_rope_parameters(hf_config)),
     )
+
+
+def hf_config_from_model(cfg: ModelConfig, family: str, dtype: str):
+    """ModelConfig -> the transformers config of ``family`` ('llama', 'qwen2', 'qwen3') that computes
+    the same model, for ``dtype`` tensors: ``model_config_from_hf`` of it gives ``cfg`` back. Raises
+    ValueError when ``family`` cannot express ``cfg`` (qk-norm is Qwen3's, QKV bias Qwen2's)."""
+    import transformers
+
+    if family not in FAMILY_TRAITS:
+        raise ValueError(f"unknown Hugging Face architecture {family!r}; supported: {', '.join(FAMILY_TRAITS)}")
+    config_class, model_class, qk_layernorm, attention_bias = FAMILY_TRAITS[family]
+    if (cfg.qk_layernorm, cfg.attention_bias) != (qk_layernorm, attention_bias):
+        raise ValueError(f"a model with qk_layernorm={cfg.qk_layernorm} and attention_bias={cfg.attention_bias} "
+                         f"is not a {family} model ({family} has qk_layernorm={qk_layernorm}, "
+                         f"attention_bias={attention_bias})")
+    rope = rope_to_hf(cfg)
+    kwargs = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                  num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                  num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+                  max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
+                  rope_theta=rope.pop("rope_theta"), architectures=[model_class], torch_dtype=dtype,
+                  # transformers 5 reads it into rope_parameters, 4.x keeps it as is
+                  rope_scaling=rope if cfg.rope_scaling else None)
+    return getattr(transformers, config_class)(**kwargs)
 
 
 def _shape_table(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:

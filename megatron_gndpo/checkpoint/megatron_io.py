@@ -182,12 +182,13 @@ class _ScratchFile:
 
 
 def write_megatron_checkpoint(out_dir: str | Path, cfg: ModelConfig, tp: int, pp: int,
-                              parts: Iterable[Tuple[Optional[int], Mapping[str, torch.Tensor]]],
-                              **meta) -> Dict[str, object]:
+                              parts: Iterable[Tuple[Optional[int], Mapping[str, torch.Tensor]]], *,
+                              tokenizer: Optional[str | Path] = None, **meta) -> Dict[str, object]:
     """A weights-only dist-checkpoint for a TP x PP layout from ``parts``: (None, the non-layer
     tensors, vocabulary padded for ``tp``) and (layer i, stacked key -> tensor) in any order, each
     dropped once staged. Every tensor the model has must be supplied (a missing one is named); the
-    stored dtype is recorded in the metadata. Returns the number of tensors written and that dtype."""
+    stored dtype is recorded in the metadata, the files of ``tokenizer`` (a directory) go under
+    ``tokenizer/``. Returns the number of tensors written and that dtype."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch_path = out.parent / f".{out.name}.scratch"
@@ -212,7 +213,7 @@ def write_megatron_checkpoint(out_dir: str | Path, cfg: ModelConfig, tp: int, pp
         if staged:
             raise KeyError(f"tensors the {cfg.num_hidden_layers}-layer model does not have: "
                            f"{sorted(map(str, staged))[:5]}")
-        save_sharded_weights(sharded, out, cfg, {"tp": tp, "pp": pp}, **{**meta, "dtype": dtype})
+        save_sharded_weights(sharded, out, cfg, {"tp": tp, "pp": pp}, tokenizer=tokenizer, **{**meta, "dtype": dtype})
         return {"tensors": tensors, "dtype": dtype}
     finally:
         scratch.close()

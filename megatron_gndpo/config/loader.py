@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from typing import Any, Mapping, Sequence
+from typing import Any, List, Mapping, Sequence
 
 import yaml
 
@@ -75,27 +75,65 @@ def _build(cls, data: Any, path: str):
     return cls(**kwargs)
 
 
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
 def _convert(tp, value, path):
-    origin = typing.get_origin(tp)
+    """``value`` checked against the field type ``tp`` (and converted where YAML is ambiguous: an int or
+    "1e-3" for a float, one string for a list of strings), or a ValueError naming ``path``. bool is
+    not accepted for int or float, although Python's bool is an int: ``steps: true`` is a mistake."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
     if origin is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+        if value is None and type(None) in args:
             return None
-        return _convert(args[0], value, path)
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _convert(option, value, path)
+            except ValueError as e:
+                errors.append(str(e))
+        nullable = " (or null)" if type(None) in args else ""
+        if len(errors) == 1:
+            raise ValueError(errors[0] + nullable)
+        raise ValueError(f"config key {path} must be {' or '.join(map(_type_name, options))}{nullable}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        # YAML 1.1 reads "1e-3" (no dot) as a string
-        try:
+    if origin is typing.Literal:
+        # exact types: True == 1 and 1 == 1.0, but neither is the value the schema lists
+        if not any(type(value) is type(a) and value == a for a in args):
+            raise ValueError(f"config key {path} must be one of {args}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        item = args[0] if args else Any
+        if isinstance(value, str) and item is str:
+            value = [value]  # `train_files: data.parquet` means a list of one file
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {path} must be a list, got {value!r} ({type(value).__name__})")
+        items = [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        key_tp, value_tp = args or (Any, Any)
+        if not isinstance(value, Mapping):
+            raise ValueError(f"config key {path} must be a mapping, got {value!r} ({type(value).__name__})")
+        return {_convert(key_tp, k, f"{path} (key {k!r})"): _convert(value_tp, v, f"{path}.{k}")
+                for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, int) and not isinstance(value, bool):
             return float(value)
-        except ValueError:
-            pass
-    if tp in (int, float, str, bool) and not isinstance(value, tp):
-        raise ValueError(f"config key {path} must be {tp.__name__}, got {value!r}")
-    if origin is typing.Literal and value not in typing.get_args(tp):
-        raise ValueError(f"config key {path} must be one of {typing.get_args(tp)}, got {value!r}")
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if tp in (int, float) and isinstance(value, bool):
+        raise ValueError(f"config key {path} must be {tp.__name__}, got {value!r} (a boolean)")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ValueError(f"config key {path} must be {tp.__name__}, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -111,3 +149,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 
 def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def config_changes(old: Mapping, new: Mapping, prefix: str = "") -> List[str]:
+    """``["trainer.steps: 2 -> 4", ...]``: every dotted key whose value differs between two config trees
+    (``config_to_dict`` output)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out

@@ -36,6 +36,14 @@ class ModelConfig:
     """SwiGLU hidden width (per gate/up branch)."""
     rope_theta: float = 10000.0
     """RoPE base."""
+    rope_scaling: Optional[Literal["linear", "llama3"]] = None
+    """RoPE frequency scaling (Hugging Face ``rope_parameters["rope_type"]``): None is plain RoPE;
+    'linear' divides every position by ``rope_scaling_factor`` (position interpolation); 'llama3' is
+    Llama-3.1/3.2/3.3's smooth per-frequency scaling with megatron-core's fixed low_freq_factor 1,
+    high_freq_factor 4 and original_max_position_embeddings 8192 (what every Llama-3.x uses; other
+    values are refused at conversion, megatron-core cannot compute them)."""
+    rope_scaling_factor: Optional[float] = None
+    """The scaling factor (HF ``factor``, >= 1); set exactly when ``rope_scaling`` is."""
     rms_norm_eps: float = 1e-6
     """RMSNorm epsilon."""
     qk_layernorm: bool = False
@@ -67,6 +75,14 @@ class ModelConfig:
             f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
             f"model.num_key_value_heads ({self.num_key_value_heads})",
         )
+        # checked here too, not only by the YAML loader: checkpoint metadata builds ModelConfig directly
+        _check(self.rope_scaling in (None, "linear", "llama3"),
+               f"model.rope_scaling must be None, 'linear' or 'llama3', got {self.rope_scaling!r}")
+        _check((self.rope_scaling is None) == (self.rope_scaling_factor is None),
+               f"model.rope_scaling_factor ({self.rope_scaling_factor!r}) must be set exactly when "
+               f"model.rope_scaling ({self.rope_scaling!r}) is")
+        _check(self.rope_scaling_factor is None or self.rope_scaling_factor >= 1.0,
+               f"model.rope_scaling_factor must be >= 1, got {self.rope_scaling_factor!r}")
 
     def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
         multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
@@ -137,10 +153,10 @@ class PrecisionConfig:
 
 @dataclass
 class TeacherConfig:
-    """The frozen teacher: its own architecture (same vocabulary) and numerics."""
+    """The frozen teacher: its own architecture (same tokenizer) and numerics."""
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig(hidden_size=96, num_hidden_layers=3))
-    """Teacher architecture; vocab_size and make_vocab_size_divisible_by must match the student's."""
+    """Teacher architecture; its vocab_size may differ from the student's (both must hold the tokenizer)."""
     precision: Optional[PrecisionConfig] = None
     """None: the student's precision (an FP8 teacher with a BF16 student is allowed)."""
     checkpoint: Optional[str] = None
@@ -249,8 +265,13 @@ class DataConfig:
     """Parquet files with held-out prompts (greedy validation)."""
     tokenizer: Optional[str] = None
     """Hugging Face tokenizer directory (tokenizer.json / tokenizer_config.json with a chat template)."""
-    max_prompt_length: int = 512
-    """Longer prompts are an error naming the row."""
+    max_prompt_length: int = 256
+    """Longest prompt in tokens (chat template included); every prompt is measured when the files are
+    opened, and ``max_prompt_length + rollout.max_new_tokens`` must fit the student's and the teacher's
+    ``max_position_embeddings``."""
+    overlong_prompts: Literal["error", "drop"] = "error"
+    """Prompts longer than ``max_prompt_length``: 'error' stops before any compute naming the file, row
+    and length; 'drop' leaves them out, counted and logged (verl's ``filter_overlong_prompts``)."""
     reward: str = "exact_match"
     """Reward function from ``rewards.REWARDS``: exact_match, geo3k."""
     shuffle: bool = True
@@ -263,6 +284,9 @@ class DataConfig:
             self.train_files = [self.train_files]
         if isinstance(self.val_files, str):
             self.val_files = [self.val_files]
+        _check(self.max_prompt_length >= 1, f"data.max_prompt_length must be >= 1, got {self.max_prompt_length}")
+        _check(self.overlong_prompts in ("error", "drop"),
+               f"data.overlong_prompts must be 'error' or 'drop', got {self.overlong_prompts!r}")
 
 
 @dataclass
@@ -283,6 +307,9 @@ class TrainerConfig:
     """Checkpoint directory (default ``output_dir/checkpoints``)."""
     save_interval: int = 0
     """Save every N steps (0: only at the end)."""
+    keep_checkpoints: Optional[int] = None
+    """Keep the newest N step checkpoints: older ones are deleted once a newer one is complete and
+    ``latest`` names it (None: keep all)."""
     val_interval: int = 0
     """Greedy validation every N steps, and before the first (0: off)."""
     val_prompts: int = 64
@@ -292,13 +319,20 @@ class TrainerConfig:
     wandb_project: Optional[str] = None
     """Also log to Weights & Biases (needs ``wandb``)."""
     progress: bool = True
-    """Rich progress bar on the logging rank."""
+    """Progress on the logging rank: a rich progress bar on a terminal, one plain line per step when
+    stdout is not a terminal (a log file, a pipe, a batch job)."""
+    overwrite: bool = False
+    """A fresh run (no ``--resume``) into a checkpoint directory that already holds checkpoints (a
+    ``latest`` or a ``step_*`` directory) is refused, since its saves would replace the earlier run's
+    and move ``latest`` back; true lets it replace them."""
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "mini_batches", "micro_batch_size", "val_prompts"):
             _check(getattr(self, name) >= 1, f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("save_interval", "val_interval"):
             _check(getattr(self, name) >= 0, f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.keep_checkpoints is None or self.keep_checkpoints >= 1,
+               f"trainer.keep_checkpoints must be >= 1 or null, got {self.keep_checkpoints}")
 
     @property
     def checkpoint_dir(self) -> str:
@@ -340,24 +374,25 @@ class RunConfig:
                f"(precision.fp8={self.teacher.precision.fp8!r}) are two FP8 schemes; choose one")
         for role, model in (("model", self.model), ("teacher.model", self.teacher.model)):
             self.parallel.check_model(model, role)
-        check_same_vocabulary(self.model, self.teacher.model, self.parallel.tensor_model_parallel_size)
+            # the rollout and the teacher's scoring see prompt + response, both at most this long
+            longest = self.data.max_prompt_length + self.rollout.max_new_tokens
+            _check(longest <= model.max_position_embeddings,
+                   f"data.max_prompt_length ({self.data.max_prompt_length}) + rollout.max_new_tokens "
+                   f"({self.rollout.max_new_tokens}) = {longest} exceeds {role}.max_position_embeddings "
+                   f"({model.max_position_embeddings})")
+        # Teacher and student may differ in vocab_size and padding; that they share one tokenizer is
+        # checked with the tokenizer files, at Trainer init (check_same_vocabulary, check_checkpoint_tokenizers).
 
 
-def check_same_vocabulary(student: ModelConfig, teacher: ModelConfig, tensor_model_parallel_size: int) -> None:
-    """Teacher and student must index the same vocabulary, padded rows included: the log-ratio
-    compares log pi_T(y) and log pi_S(y) for the same token id y on the same vocab shard."""
-    if student.vocab_size != teacher.vocab_size:
-        raise ValueError(
-            f"teacher vocabulary ({teacher.vocab_size} tokens) differs from the student's "
-            f"({student.vocab_size} tokens): on-policy distillation scores the student's token ids with "
-            "the teacher, so both must use the same tokenizer"
-        )
-    ps, pt = (m.padded_vocab_size(tensor_model_parallel_size) for m in (student, teacher))
-    if ps != pt:
-        raise ValueError(
-            f"teacher padded vocabulary ({pt}) differs from the student's ({ps}) at "
-            f"tensor_model_parallel_size={tensor_model_parallel_size}: set the same "
-            "make_vocab_size_divisible_by for both (teacher.model.make_vocab_size_divisible_by="
-            f"{teacher.make_vocab_size_divisible_by}, model.make_vocab_size_divisible_by="
-            f"{student.make_vocab_size_divisible_by})"
-        )
+def check_same_vocabulary(tokenizer_size: int, student: ModelConfig, teacher: ModelConfig) -> int:
+    """The vocabulary the log-ratio is taken over, for a student and a teacher of one tokenizer of
+    ``tokenizer_size`` tokens: each embedding must hold every token id (``vocab_size >= tokenizer_size``),
+    and beyond that their sizes and paddings may differ (Qwen2.5-1.5B's 151936 rows and Qwen2.5-7B's
+    152064 for one 151665-token tokenizer). Returns the shared vocabulary size, the smaller vocab_size:
+    every vocab-parallel op on either model's logits masks the columns at or beyond it, so both
+    distributions are over the same ids and the student never samples an id the teacher lacks."""
+    for role, model in (("model", student), ("teacher.model", teacher)):
+        if model.vocab_size < tokenizer_size:
+            raise ValueError(f"the tokenizer has {tokenizer_size} tokens but {role}.vocab_size is {model.vocab_size}: "
+                             "token ids would index past the embedding")
+    return min(student.vocab_size, teacher.vocab_size)

@@ -2,8 +2,9 @@
 
 Row schema: ``prompt`` (list of ``{"role", "content"}`` chat messages), ``reward_model``
 (``{"style": "rule", "ground_truth": str}``), optional ``data_source``, ``images``, ``ability``,
-``extra_info``. Every row is checked when the file is opened, so a malformed row stops the run
-before any compute, with its file, row number and column in the message.
+``extra_info``. Every row is checked, and every prompt tokenized and measured, when the files are
+opened, so a malformed or overlong row stops the run before any compute, with its file, row number
+and column (or length) in the message.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ REQUIRED_COLUMNS = ("prompt", "reward_model")
 @dataclasses.dataclass
 class PromptRow:
     index: int
-    """Position in the dataset (all files concatenated)."""
+    """Position in the dataset (all files concatenated, rows left out by the dataset not counted)."""
     messages: List[Dict[str, str]]
     ground_truth: str
     data_source: str
+    path: str
+    """The parquet file the row comes from."""
+    file_row: int
+    """Its row number in that file."""
 
 
 def _row_error(path: str, row: int, column: str, what: str) -> ValueError:
@@ -40,7 +45,7 @@ def _check_row(path: str, row: int, prompt, reward_model, images, images_policy:
         raise _row_error(path, row, "images", "the row has images but the student is a text-only model "
                          "(set data.images=ignore to drop them)")
     return PromptRow(row, [{"role": m["role"], "content": m["content"]} for m in prompt],
-                     str(reward_model["ground_truth"]), "")
+                     str(reward_model["ground_truth"]), "", path, row)
 
 
 def read_prompt_rows(paths: Sequence[str], images: str = "error") -> List[PromptRow]:
@@ -107,26 +112,39 @@ class PromptOrder:
 
 
 class PromptDataset:
-    """Validated rows plus their token ids (rendered with the chat template on first use)."""
+    """Validated rows and their token ids, every prompt rendered with the chat template and measured
+    against ``max_prompt_length`` when the dataset is opened (not when a step first draws it).
 
-    def __init__(self, paths: Sequence[str], tokenizer, *, max_prompt_length: int, images: str = "error"):
-        self.rows = read_prompt_rows(paths, images)
-        self.tokenizer = tokenizer
-        self.max_prompt_length = max_prompt_length
-        self._ids: Dict[int, List[int]] = {}
+    ``overlong``: 'error' refuses a prompt longer than ``max_prompt_length`` naming its file, row and
+    length; 'drop' leaves such rows out (verl's ``filter_overlong_prompts``) and counts them in
+    ``dropped``."""
+
+    def __init__(self, paths: Sequence[str], tokenizer, *, max_prompt_length: int, images: str = "error",
+                 overlong: str = "error"):
+        from megatron_gndpo.data.tokenizer import render_prompt
+
+        if overlong not in ("error", "drop"):
+            raise ValueError(f"data.overlong_prompts must be 'error' or 'drop', got {overlong!r}")
+        rows = read_prompt_rows(paths, images)
+        ids = [render_prompt(tokenizer, row.messages) for row in rows]
+        kept = [i for i, prompt in enumerate(ids) if len(prompt) <= max_prompt_length]
+        if len(kept) < len(rows) and overlong == "error":
+            first = next(i for i, prompt in enumerate(ids) if len(prompt) > max_prompt_length)
+            raise ValueError(
+                f"{rows[first].path}: row {rows[first].file_row}: the prompt is {len(ids[first])} tokens, longer "
+                f"than data.max_prompt_length ({max_prompt_length}); {len(rows) - len(kept)} of {len(rows)} "
+                "prompts are (data.overlong_prompts=drop leaves them out)")
+        if not kept:
+            raise ValueError(f"every prompt of {', '.join(paths)} is longer than data.max_prompt_length "
+                             f"({max_prompt_length})")
+        self.rows = [dataclasses.replace(rows[i], index=n) for n, i in enumerate(kept)]
+        self._ids = [ids[i] for i in kept]
+        self.dropped = len(rows) - len(kept)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def prompt_ids(self, i: int) -> List[int]:
-        if i not in self._ids:
-            from megatron_gndpo.data.tokenizer import render_prompt
-
-            ids = render_prompt(self.tokenizer, self.rows[i].messages)
-            if len(ids) > self.max_prompt_length:
-                raise ValueError(f"prompt of dataset row {i} is {len(ids)} tokens, longer than "
-                                 f"data.max_prompt_length ({self.max_prompt_length})")
-            self._ids[i] = ids
         return self._ids[i]
 
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from typing import List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
+
+
+def _from_dir(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def load_tokenizer(path: str):
     """A tokenizer from a local Hugging Face directory (never downloads)."""
-    from transformers import AutoTokenizer
-
     if not path or not os.path.isdir(path):
         raise ValueError(f"data.tokenizer must be a local tokenizer directory, got {path!r}")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tok = _from_dir(path)
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {path!r} has no eos_token: responses could never end")
     return tok
@@ -22,6 +28,55 @@ def check_tokenizer_fits(tokenizer, vocab_size: int, role: str) -> None:
     if len(tokenizer) > vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but {role}.vocab_size is {vocab_size}: "
                          "token ids would index past the embedding")
+
+
+def _fingerprint_parts(tokenizer) -> Dict[str, str]:
+    """The canonical JSON of what one token id means: the token -> id map (added tokens included) and
+    the special tokens (their roles, and which ids are special)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
+    special_ids = set(tokenizer.all_special_ids)
+    special_ids |= {i for i, tok in tokenizer.added_tokens_decoder.items() if getattr(tok, "special", False)}
+    special = {"roles": tokenizer.special_tokens_map, "ids": sorted(special_ids)}
+    return {name: json.dumps(part, sort_keys=True, ensure_ascii=False, default=str)
+            for name, part in (("vocabulary", vocab), ("special tokens", special))}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 (hex) of the token -> id map and the special tokens: equal exactly when two tokenizers
+    give every id the same meaning. File layout, chat template and ``model_max_length`` do not enter,
+    so one vocabulary saved with another context length (Qwen2.5-7B's and -1.5B's) has one fingerprint."""
+    parts = _fingerprint_parts(tokenizer)
+    return hashlib.sha256("\n".join(parts[k] for k in sorted(parts)).encode()).hexdigest()
+
+
+def check_checkpoint_tokenizers(tokenizer, tokenizer_path: str, checkpoints: Mapping[str, Optional[str]]) -> None:
+    """Every checkpoint of ``checkpoints`` (config key -> checkpoint, or checkpoint root whose ``latest``
+    is loaded; None: a random-init model, skipped) must carry under ``tokenizer/`` (where conversion and
+    every save put it) the tokenizer the run uses (``tokenizer``, from ``tokenizer_path``):
+    the teacher scores the student's token ids, so an id must mean the same token to both models and to
+    the data. Raises ValueError naming the checkpoint's tokenizer and ``tokenizer_path``; a checkpoint
+    without ``tokenizer/`` is refused too, since nothing could be checked."""
+    from megatron_gndpo.checkpoint.dist_ckpt import TOKENIZER_DIR, resolve_checkpoint
+
+    ours = _fingerprint_parts(tokenizer)
+    for key, checkpoint in checkpoints.items():
+        if checkpoint is None:
+            continue
+        path = resolve_checkpoint(checkpoint) / TOKENIZER_DIR
+        if not path.is_dir():
+            raise ValueError(
+                f"{key}={checkpoint} has no {TOKENIZER_DIR}/ folder, so the run cannot check that its model "
+                f"uses the tokenizer of data.tokenizer ({tokenizer_path}). Conversion and training save one with "
+                f"every checkpoint; for an older checkpoint copy the tokenizer its model was trained with into {path}/")
+        other = _from_dir(str(path))
+        theirs = _fingerprint_parts(other)
+        differ = [name for name in ours if ours[name] != theirs[name]]
+        if differ:
+            raise ValueError(
+                f"the tokenizer of {key} ({path}, {len(other)} tokens) differs from data.tokenizer "
+                f"({tokenizer_path}, {len(tokenizer)} tokens) in its {' and '.join(differ)}: one token id would "
+                "mean different tokens to the models and the data. Distillation needs one tokenizer for the "
+                "student, the teacher and the data")
 
 
 def render_prompt(tokenizer, messages: Sequence[Mapping[str, str]]) -> List[int]:

@@ -122,6 +122,22 @@ def layer_spec(model: ModelConfig, precision: PrecisionConfig):
     return local_layer_spec(qk_layernorm=model.qk_layernorm, attention=precision.local_attention)
 
 
+def rope_kwargs(model: ModelConfig) -> dict:
+    """``GPTModel``'s rotary-embedding arguments for ``model``.
+
+    Each maps onto what transformers computes for the same ``rope_type`` (proven against its logits in
+    tests/distributed/test_hf_mapping.py): 'linear' is megatron's ``seq_len_interpolation_factor``
+    (positions divided by the factor; transformers divides the inverse frequencies instead, the same
+    angles up to float rounding), 'llama3' is megatron's ``rope_scaling`` (transformers' formula with
+    megatron's fixed low/high frequency factors 1 and 4 and original context 8192)."""
+    kwargs = dict(position_embedding_type="rope", rotary_base=model.rope_theta)
+    if model.rope_scaling == "linear":
+        kwargs["seq_len_interpolation_factor"] = model.rope_scaling_factor
+    elif model.rope_scaling == "llama3":
+        kwargs.update(rope_scaling=True, rope_scaling_factor=model.rope_scaling_factor)
+    return kwargs
+
+
 def build_gpt_model(
     model: ModelConfig,
     parallel: ParallelConfig,
@@ -144,8 +160,7 @@ def build_gpt_model(
         post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=model.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=model.rope_theta,
+        **rope_kwargs(model),
     )
     # megatron's local norms (torch.nn.RMSNorm when apex is absent) take neither params_dtype nor the
     # device: Megatron-LM's training setup casts and moves the whole model (Float16Module, model.cuda()),

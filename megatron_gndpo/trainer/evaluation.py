@@ -1,15 +1,28 @@
-"""Greedy evaluation on held-out prompts, shared by the trainer's validation and the demo scripts."""
+"""Greedy evaluation on held-out prompts: the trainer's validation, the demo scripts, and
+``megatron-gndpo eval`` (:func:`evaluate_checkpoint`), which scores a saved checkpoint's student."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_gndpo.config.schema import RolloutConfig, RunConfig
 from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.rollout.generator import SamplingParams, generate
+
+
+def sampling_params(rollout: RolloutConfig, tokenizer) -> SamplingParams:
+    """The rollout's sampling settings, with the tokenizer's end-of-response and padding ids."""
+    from megatron_gndpo.data.tokenizer import eos_ids
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
+                          max_new_tokens=rollout.max_new_tokens, eos_token_ids=eos_ids(tokenizer), pad_token_id=pad)
 
 
 @torch.no_grad()
@@ -32,3 +45,56 @@ def greedy_eval(model, dataset, tokenizer, reward_fn, sampling: SamplingParams, 
         dist.all_reduce(sums, group=groups.dp_cp)
     total, reward, acc = sums.tolist()
     return {"val/reward": reward / total, "val/acc": acc / total}
+
+
+def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, *, limit: Optional[int] = None) -> Dict[str, Any]:
+    """Collective: greedy validation of the student weights in ``checkpoint`` (a step checkpoint, or a
+    checkpoint directory whose ``latest`` names one; any TP x PP) on ``data.val_files``, the first
+    ``limit`` prompts (all by default), with the run's tokenizer, reward and rollout settings. Returns
+    the metrics with what was evaluated; builds no optimizer and no teacher."""
+    from megatron_gndpo.checkpoint.dist_ckpt import (check_architecture, load_model_weights, read_meta,
+                                                     resolve_checkpoint)
+    from megatron_gndpo.config.schema import check_same_vocabulary
+    from megatron_gndpo.data.prompts import PromptDataset
+    from megatron_gndpo.data.tokenizer import check_checkpoint_tokenizers, load_tokenizer
+    from megatron_gndpo.distributed.init import init_parallel
+    from megatron_gndpo.models.provider import build_gpt_model
+    from megatron_gndpo.models.teacher import freeze
+    from megatron_gndpo.rewards import get_reward
+    from megatron_gndpo.trainer.preflight import agree
+
+    groups = init_parallel(cfg.parallel, seed=cfg.seed)
+    data = cfg.data
+
+    def open_everything():
+        if not data.val_files:
+            raise ValueError("data.val_files is empty: there is nothing to evaluate on")
+        path = resolve_checkpoint(checkpoint)
+        check_architecture(path, cfg.model, "student")
+        tokenizer = load_tokenizer(data.tokenizer)
+        check_checkpoint_tokenizers(tokenizer, data.tokenizer, {"--checkpoint": str(path)})
+        dataset = PromptDataset(data.val_files, tokenizer, max_prompt_length=data.max_prompt_length,
+                                images=data.images, overlong=data.overlong_prompts)
+        # the trainer's validation takes the vocabulary the student shares with its teacher; so does this
+        vocab_size = check_same_vocabulary(len(tokenizer), cfg.model, cfg.teacher.model)
+        return path, tokenizer, dataset, vocab_size, get_reward(data.reward)
+
+    path, tokenizer, dataset, vocab_size, reward_fn = agree("preparing the evaluation", open_everything)
+    model = freeze(build_gpt_model(cfg.model, cfg.parallel, cfg.precision, pre_process=groups.is_first_stage,
+                                   post_process=groups.is_last_stage))
+    load_model_weights(model, path, cfg.model, "student")
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    metrics = greedy_eval(model, dataset, tokenizer, reward_fn, sampling_params(cfg.rollout, tokenizer),
+                          groups=groups, vocab_size=vocab_size, max_sequence_length=cfg.model.max_position_embeddings,
+                          limit=n)
+    return {"checkpoint": str(path), "step": read_meta(path).get("step"), "val_files": list(data.val_files),
+            "prompts": n, "dropped_overlong_prompts": dataset.dropped, **metrics}
+
+
+def write_json(path: str, payload: Dict[str, Any]) -> None:
+    """``payload`` as JSON at ``path`` (its directory created), replaced atomically."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(out)

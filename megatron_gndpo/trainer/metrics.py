@@ -1,12 +1,13 @@
-"""Where step metrics go: a JSONL file (always), TensorBoard, W&B, and a rich progress bar.
+"""Where step metrics go: a JSONL file (always), TensorBoard, W&B, and progress on stdout (a rich
+progress bar on a terminal, one plain line per step otherwise).
 
 Only the logging rank (the last global rank: it holds the losses, which live on the last pipeline
 stage) writes; every line is flushed as it is written, so a crash loses nothing already logged.
 
-``output_dir`` holds one run's history. A resumed run continues it: lines and TensorBoard events
-past the checkpoint's step belong to steps the run redoes and are dropped. A fresh run into a
-directory that has an earlier run's metrics moves them to ``previous_run_<time>/`` instead of
-appending to them.
+``output_dir`` holds one run's history and its resolved configuration (``config.yaml``). A resumed
+run continues it: lines and TensorBoard events past the checkpoint's step belong to steps the run
+redoes and are dropped. A fresh run into a directory that has an earlier run's metrics moves them
+(and that run's ``config.yaml``) to ``previous_run_<time>/`` instead of appending to them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +25,10 @@ log = logging.getLogger(__name__)
 
 PROGRESS_KEYS = (("reward", "reward"), ("score/std", "lr std"), ("actor/policy_loss", "loss"),
                  ("actor/grad_norm", "|g|"), ("perf/tokens_per_s", "tok/s"))
+# One line per step off a terminal: (key, label, format)
+LINE_KEYS = (("reward", "reward", ".4g"), ("score/std", "score_std", ".4g"), ("actor/policy_loss", "loss", ".4g"),
+             ("actor/grad_norm", "grad_norm", ".4g"), ("actor/lr", "lr", ".3g"), ("time/step_s", "step_s", ".2f"),
+             ("perf/tokens_per_s", "tokens_per_s", ".0f"), ("val/acc", "val_acc", ".4g"))
 
 
 class PhaseTimer:
@@ -42,12 +48,14 @@ class PhaseTimer:
 
 JSONL = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
+CONFIG = "config.yaml"
 
 
 def set_aside_previous_run(output_dir: Path) -> Optional[Path]:
-    """Moves an earlier run's metrics (JSONL, TensorBoard events) into ``previous_run_<time>/``,
-    named after when they were last written; returns that directory, or None if there were none."""
-    old = [output_dir / name for name in (JSONL, TENSORBOARD) if (output_dir / name).exists()]
+    """Moves an earlier run's metrics (JSONL, TensorBoard events) and configuration into
+    ``previous_run_<time>/``, named after when they were last written; returns that directory, or None
+    if there were none."""
+    old = [output_dir / name for name in (JSONL, TENSORBOARD, CONFIG) if (output_dir / name).exists()]
     if not old:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(p.stat().st_mtime for p in old)))
@@ -82,6 +90,21 @@ def _step_of(line: str) -> Optional[int]:
         return None
 
 
+def step_line(step: int, total_steps: int, metrics: Dict[str, float]) -> str:
+    """``step 3/10 reward 0.4 score_std 1.3 ...``: the step's key numbers as one plain line."""
+    return " ".join([f"step {step}/{total_steps}"] + [f"{label} {metrics[k]:{fmt}}" for k, label, fmt in LINE_KEYS
+                                                      if k in metrics])
+
+
+def write_config(path: Path, config: dict) -> None:
+    """The run's resolved configuration as YAML (replaced atomically)."""
+    import yaml
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
     def __init__(self, output_dir: str, *, total_steps: int, start_step: int, tensorboard: bool,
                  wandb_project: Optional[str], progress: bool, config: dict, title: str = "train"):
@@ -92,6 +115,7 @@ class MetricsWriter:
         elif truncate_history(self.dir / JSONL, start_step):
             log.warning("%s: dropped the lines after step %d, which this resumed run redoes", self.dir / JSONL,
                         start_step)
+        write_config(self.dir / CONFIG, config)
         self.jsonl = open(self.dir / JSONL, "a", buffering=1)
         self.tb = None
         if tensorboard:
@@ -107,8 +131,11 @@ class MetricsWriter:
                 raise ImportError("trainer.wandb_project is set but wandb is not installed "
                                   "(pip install 'megatron-gndpo[wandb]')") from e
             self.wandb = wandb.init(project=wandb_project, config=config, dir=str(self.dir), resume="allow")
+        self.total_steps = total_steps
         self.progress = None
-        if progress:
+        # A progress bar redrawn in place is unreadable in a log file: off a terminal, one line per step.
+        self.plain_lines = progress and not sys.stdout.isatty()
+        if progress and not self.plain_lines:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(),
@@ -127,6 +154,8 @@ class MetricsWriter:
         if self.progress is not None:
             info = "  ".join(f"{label} {metrics[k]:.3g}" for k, label in PROGRESS_KEYS if k in metrics)
             self.progress.update(self.task, completed=step, info=info)
+        if self.plain_lines:
+            print(step_line(step, self.total_steps, metrics), flush=True)
 
     def close(self) -> None:
         if self.progress is not None:

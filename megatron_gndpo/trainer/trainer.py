@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -26,20 +27,22 @@ import torch.distributed as dist
 from megatron_gndpo.algorithms.advantages import call_estimator, get_advantage_estimator
 from megatron_gndpo.algorithms.losses import POLICY_LOSSES
 from megatron_gndpo.algorithms.reduce import aggregate, global_normalizer, masked_sum
-from megatron_gndpo.checkpoint.dist_ckpt import CheckpointManager, load_model_weights
-from megatron_gndpo.config.schema import RunConfig
+from megatron_gndpo.checkpoint.dist_ckpt import CheckpointManager, check_architecture, load_model_weights
+from megatron_gndpo.config.loader import config_changes
+from megatron_gndpo.config.schema import RunConfig, check_same_vocabulary
 from megatron_gndpo.data.prompts import PromptDataset, PromptOrder
-from megatron_gndpo.data.tokenizer import check_tokenizer_fits, eos_ids, load_tokenizer
+from megatron_gndpo.data.tokenizer import check_checkpoint_tokenizers, load_tokenizer
 from megatron_gndpo.distributed.init import destroy_parallel, init_parallel
 from megatron_gndpo.models.quantization import logprob_error, quantize_teacher
 from megatron_gndpo.models.student import build_optimizer, build_scheduler, build_student, unwrap
 from megatron_gndpo.models.teacher import OffloadedWeights, build_teacher
 from megatron_gndpo.ops.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
 from megatron_gndpo.rewards import get_reward
-from megatron_gndpo.rollout.generator import Rollout, SamplingParams, generate
+from megatron_gndpo.rollout.generator import Rollout, generate
 from megatron_gndpo.trainer.megatron_glue import run_schedule
-from megatron_gndpo.trainer.evaluation import greedy_eval
+from megatron_gndpo.trainer.evaluation import greedy_eval, sampling_params
 from megatron_gndpo.trainer.metrics import MetricsWriter, PhaseTimer
+from megatron_gndpo.trainer.preflight import agree, claim_run, describe_write_failure, probe_writable
 
 log = logging.getLogger(__name__)
 MicroBatch = Dict[str, torch.Tensor]
@@ -47,6 +50,16 @@ MicroBatch = Dict[str, torch.Tensor]
 
 class EmptyStepError(ValueError):
     """Every response of a step is empty: there is nothing to learn from."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions, ...); ``latest`` still points to the
+    previous one. ``details_elsewhere``: another rank failed and reports the details; this rank has
+    only learnt that the save failed."""
+
+    def __init__(self, message: str, *, details_elsewhere: bool = False):
+        super().__init__(message)
+        self.details_elsewhere = details_elsewhere
 
 
 def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
@@ -115,31 +128,37 @@ class Trainer:
         self.cfg = cfg
         self.groups = g = init_parallel(cfg.parallel, seed=cfg.seed)
         tc = cfg.trainer
-        if tc.prompts_per_step % (g.dp_size * tc.mini_batches):
-            raise ValueError(f"trainer.prompts_per_step ({tc.prompts_per_step}) must be divisible by the "
-                             f"data-parallel size ({g.dp_size}) x trainer.mini_batches ({tc.mini_batches}), so "
-                             "that every rank holds whole prompt groups of every mini-batch")
         self.rows_per_rank = tc.prompts_per_step * cfg.rollout.n_samples // g.dp_size
-        if self.rows_per_rank % (tc.micro_batch_size * tc.mini_batches):
-            raise ValueError(
-                f"responses per data-parallel rank ({self.rows_per_rank} = prompts_per_step x n_samples / DP) "
-                f"must be divisible by trainer.micro_batch_size ({tc.micro_batch_size}) x "
-                f"trainer.mini_batches ({tc.mini_batches})")
-        get_advantage_estimator(cfg.algorithm.estimator)  # unknown names fail before any compute
-        self.policy_loss = POLICY_LOSSES.get(cfg.algorithm.policy_loss)
-        self.reward_fn = get_reward(cfg.data.reward)
+        # Checks before any compute, each decided together so that every rank stops on the same error
+        # (preflight.py): the batch layout and the names in the config; rank 0 claims the run's directories
+        # (a lock against a second run, and no fresh run over an earlier run's checkpoints); every rank
+        # checks that it can write them.
+        self.policy_loss, self.reward_fn = agree("checking the config", self._check_layout_and_names)
+        self.is_rank0 = dist.get_rank() == 0
+        self.is_logging_rank = dist.get_rank() == dist.get_world_size() - 1
+        self.checkpoints = CheckpointManager(
+            tc.checkpoint_dir,
+            layout={"tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size},
+            ranks={"tp": g.tp_rank, "pp": g.pp_rank, "dp": g.dp_rank},
+        )
+        self.claim = claim_run(tc, self.checkpoints, resume=resume)
+        agree("checking the run's directories", self._probe_directories)
+        agree("checking the initial checkpoints", self._check_initial_checkpoints)
 
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        check_tokenizer_fits(self.tokenizer, cfg.model.vocab_size, "model")
-        self.train_data = PromptDataset(cfg.data.train_files, self.tokenizer,
-                                        max_prompt_length=cfg.data.max_prompt_length, images=cfg.data.images)
-        self.val_data = (PromptDataset(cfg.data.val_files, self.tokenizer, max_prompt_length=cfg.data.max_prompt_length,
-                                       images=cfg.data.images) if cfg.data.val_files else None)
+        def tokenizer_and_vocabulary():
+            tok = load_tokenizer(cfg.data.tokenizer)
+            check_checkpoint_tokenizers(tok, cfg.data.tokenizer, {
+                "student_checkpoint": cfg.student_checkpoint, "teacher.checkpoint": cfg.teacher.checkpoint})
+            return tok, check_same_vocabulary(len(tok), cfg.model, cfg.teacher.model)
+
+        # every vocab-parallel op on either model's logits masks the ids at or beyond shared_vocab_size
+        self.tokenizer, self.shared_vocab_size = agree("checking data.tokenizer against the checkpoints",
+                                                       tokenizer_and_vocabulary)
+        self.train_data, self.val_data = agree("opening data.train_files and data.val_files", self._open_datasets)
         self.order = PromptOrder(len(self.train_data), seed=cfg.seed, shuffle=cfg.data.shuffle)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self.sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                       top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
-                                       eos_token_ids=eos_ids(self.tokenizer), pad_token_id=pad)
+        self.sampling = sampling_params(cfg.rollout, self.tokenizer)
+        # config.yaml is written now, before the models are built, so that a run that fails there has it
+        self.metrics: Optional[MetricsWriter] = agree("opening the metrics in trainer.output_dir", self._open_metrics)
 
         # Transformer Engine's FP8 GEMMs need token counts that are multiples of 16 (see pad_sequence_length).
         self.sequence_multiple = 16 if (cfg.precision.fp8 or cfg.teacher.precision.fp8) else 1
@@ -165,22 +184,96 @@ class Trainer:
 
         self.step = 0
         self.skipped_steps = 0
-        self.checkpoints = CheckpointManager(
-            tc.checkpoint_dir,
-            layout={"tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size},
-            ranks={"tp": g.tp_rank, "pp": g.pp_rank, "dp": g.dp_rank},
-        )
         if resume:
             self._resume()
-        self.is_logging_rank = dist.get_rank() == dist.get_world_size() - 1
-        self.metrics: Optional[MetricsWriter] = None
-        if self.is_logging_rank:
-            self.metrics = MetricsWriter(tc.output_dir, total_steps=tc.steps, start_step=self.step,
-                                         tensorboard=tc.tensorboard, wandb_project=tc.wandb_project,
-                                         progress=tc.progress, config=dataclasses.asdict(cfg),
-                                         title=cfg.algorithm.estimator.upper())
-            if self.teacher_quant_metrics:
-                self.metrics.log(self.step, self.teacher_quant_metrics)
+        if self.claim.resume_from is not None:
+            self._follow_config_over_checkpoint(self.claim.resume_from)
+        if self.metrics is not None and self.teacher_quant_metrics:
+            self.metrics.log(self.step, self.teacher_quant_metrics)
+
+    # --- checks before compute ------------------------------------------------------------------------
+
+    def _check_layout_and_names(self):
+        """The batch divides over the layout, and the estimator, policy loss and reward exist."""
+        tc, g = self.cfg.trainer, self.groups
+        if tc.prompts_per_step % (g.dp_size * tc.mini_batches):
+            raise ValueError(f"trainer.prompts_per_step ({tc.prompts_per_step}) must be divisible by the "
+                             f"data-parallel size ({g.dp_size}) x trainer.mini_batches ({tc.mini_batches}), so "
+                             "that every rank holds whole prompt groups of every mini-batch")
+        if self.rows_per_rank % (tc.micro_batch_size * tc.mini_batches):
+            raise ValueError(
+                f"responses per data-parallel rank ({self.rows_per_rank} = prompts_per_step x n_samples / DP) "
+                f"must be divisible by trainer.micro_batch_size ({tc.micro_batch_size}) x "
+                f"trainer.mini_batches ({tc.mini_batches})")
+        get_advantage_estimator(self.cfg.algorithm.estimator)
+        return POLICY_LOSSES.get(self.cfg.algorithm.policy_loss), get_reward(self.cfg.data.reward)
+
+    def _probe_directories(self) -> None:
+        probe_writable(self.cfg.trainer.output_dir, "trainer.output_dir")
+        probe_writable(self.cfg.trainer.checkpoint_dir, "trainer.save_dir")
+
+    def _check_initial_checkpoints(self) -> None:
+        """Each configured checkpoint exists and holds the configured architecture (load_model_weights
+        would find out later, after the models are built, on every rank at once)."""
+        cfg = self.cfg
+        for path, model, role in ((cfg.student_checkpoint, cfg.model, "student"),
+                                  (cfg.teacher.checkpoint, cfg.teacher.model, "teacher")):
+            if path:
+                check_architecture(path, model, role)
+
+    def _open_datasets(self):
+        """Training and validation prompts, every prompt measured against data.max_prompt_length."""
+        data = self.cfg.data
+
+        def open_files(files: List[str], field: str) -> PromptDataset:
+            dataset = PromptDataset(files, self.tokenizer, max_prompt_length=data.max_prompt_length,
+                                    images=data.images, overlong=data.overlong_prompts)
+            if dataset.dropped and self.is_rank0:
+                log.warning("%s: left out %d of %d prompts longer than data.max_prompt_length (%d) "
+                            "(data.overlong_prompts=drop)", field, dataset.dropped, dataset.dropped + len(dataset),
+                            data.max_prompt_length)
+            return dataset
+
+        return (open_files(data.train_files, "data.train_files"),
+                open_files(data.val_files, "data.val_files") if data.val_files else None)
+
+    def _open_metrics(self) -> Optional[MetricsWriter]:
+        if not self.is_logging_rank:
+            return None
+        tc = self.cfg.trainer
+        return MetricsWriter(tc.output_dir, total_steps=tc.steps, start_step=self.claim.start_step,
+                             tensorboard=tc.tensorboard, wandb_project=tc.wandb_project, progress=tc.progress,
+                             config=dataclasses.asdict(self.cfg), title=self.cfg.algorithm.estimator.upper())
+
+    def _follow_config_over_checkpoint(self, checkpoint: str) -> None:
+        """A resumed run trains with its configuration, not the checkpoint's. Loading restores megatron's
+        scheduler state (peak and floor LR, warm-up, horizon, decay style) and, in the optimizer's param
+        groups, the peak / floor LR and Adam's betas and eps, all over the configuration: a cosine run
+        resumed with a larger trainer.steps would keep the old horizon and train at min_lr, silently.
+        So the schedule is rebuilt from the configuration at the checkpoint's optimizer step, the param
+        groups take the configured values, and rank 0 logs what differs from the checkpoint."""
+        optim, tc = self.cfg.optim, self.cfg.trainer
+        restored = self.scheduler.state_dict()
+        for group in self.optimizer.param_groups:
+            group.update(max_lr=optim.lr, min_lr=optim.min_lr, betas=(optim.adam_beta1, optim.adam_beta2),
+                         eps=optim.adam_eps)
+        self.scheduler = build_scheduler(optim, self.optimizer, tc.steps * tc.mini_batches)
+        self.scheduler.step(increment=restored["num_steps"])
+        if not self.is_rank0:
+            return
+        from megatron.core import dist_checkpointing
+
+        saved = dist_checkpointing.load_common_state_dict(checkpoint)["trainer"].get("config")
+        changes = config_changes(saved, dataclasses.asdict(self.cfg)) if saved is not None else []
+        if changes:
+            log.warning("resumed from %s with a configuration that differs from the checkpoint's: %s", checkpoint,
+                        "; ".join(changes))
+        schedule = self.scheduler.state_dict()
+        differs = [f"{k} {restored[k]!r} -> {v!r}" for k, v in schedule.items() if restored[k] != v]
+        if differs:
+            log.warning("the LR schedule follows the configuration, not the checkpoint (%s): %s over %d optimizer "
+                        "steps, now at step %d with lr %.3g", ", ".join(differs), schedule["lr_decay_style"],
+                        schedule["lr_decay_steps"], schedule["num_steps"], self.optimizer.param_groups[0]["lr"])
 
     # --- the step ---------------------------------------------------------------------------------
 
@@ -194,7 +287,7 @@ class Trainer:
             # 2. rollout with the student's current weights
             with timer("rollout"):
                 rollout = generate(unwrap(self.model), prompt_ids, rows, self.sampling, groups=g,
-                                   vocab_size=cfg.model.vocab_size, seed=self._sampling_seed(),
+                                   vocab_size=self.shared_vocab_size, seed=self._sampling_seed(),
                                    max_sequence_length=cfg.model.max_position_embeddings)
             batch = pad_sequence_length(sequences_from_rollout(rollout), self.sequence_multiple,
                                         self.sampling.pad_token_id)
@@ -242,7 +335,6 @@ class Trainer:
         for name, sec in timer.seconds.items():
             out[f"time/{name}_s"] = sec
         out["perf/tokens_per_s"] = tokens / timer.seconds["step"]
-        out["actor/lr"] = self.optimizer.param_groups[0]["lr"]
         out["actor/skipped_steps"] = float(self.skipped_steps)
         return out
 
@@ -313,7 +405,7 @@ class Trainer:
         def collect(logits_shard, mb):
             return {"logp": vocab_parallel_logprobs(logits_shard, mb["labels"], group=g.tp,
                                                     temperature=cfg.rollout.temperature,
-                                                    vocab_size=cfg.model.vocab_size)}
+                                                    vocab_size=self.shared_vocab_size)}
 
         out = run_schedule(model, microbatches, collect_fn=collect, forward_only=True)
         return torch.cat([o["logp"] for o in out]) if g.is_last_stage else None
@@ -328,13 +420,14 @@ class Trainer:
 
         def loss_fn(logits_shard, mb):
             lp = vocab_parallel_logprobs(logits_shard, mb["labels"], group=g.tp, temperature=cfg.rollout.temperature,
-                                         vocab_size=cfg.model.vocab_size)
+                                         vocab_size=self.shared_vocab_size)
             loss, metrics = self.policy_loss(lp, mb["old_logprobs"], mb["advantages"], mb["mask"],
                                              normalizer=normalizer, agg=alg.loss_agg, clip_low=alg.clip_low,
                                              clip_high=alg.clip_high)
             with torch.no_grad():
                 entropy = vocab_parallel_entropy(logits_shard.detach(), group=g.tp,
-                                                 temperature=cfg.rollout.temperature, vocab_size=cfg.model.vocab_size)
+                                                 temperature=cfg.rollout.temperature,
+                                                 vocab_size=self.shared_vocab_size)
                 metrics["entropy"] = aggregate(entropy, mb["mask"], "token-mean", n_tokens)
             metrics["policy_loss"] = loss.detach()
             return loss, metrics
@@ -348,7 +441,7 @@ class Trainer:
         grad_buffers = [b.grad_data for b in self.model.buffers + self.model.expert_parallel_buffers]
         finite = torch.stack([torch.isfinite(grad).all() for grad in grad_buffers]).all().float()
         finite = _all_reduce(finite, dist.ReduceOp.MIN)
-        metrics: Dict[str, float] = {}
+        metrics: Dict[str, float] = {"actor/lr": self.optimizer.param_groups[0]["lr"]}  # the LR this step uses
         if finite.item() == 1.0:
             ok, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
@@ -396,21 +489,24 @@ class Trainer:
     def validate(self) -> Dict[str, float]:
         """Greedy responses to the first ``val_prompts`` held-out prompts: mean reward / accuracy."""
         return greedy_eval(unwrap(self.model), self.val_data, self.tokenizer, self.reward_fn, self.sampling,
-                           groups=self.groups, vocab_size=self.cfg.model.vocab_size,
+                           groups=self.groups, vocab_size=self.shared_vocab_size,
                            max_sequence_length=self.cfg.model.max_position_embeddings,
                            limit=self.cfg.trainer.val_prompts)
 
     # --- checkpoints and the loop ---------------------------------------------------------------------
 
     def _trainer_state(self) -> dict:
-        return {"step": self.step, "skipped_steps": self.skipped_steps, "data": self.order.state_dict()}
+        # the config, so that a resumed run can say what it changes (_follow_config_over_checkpoint)
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "data": self.order.state_dict(),
+                "config": dataclasses.asdict(self.cfg)}
 
     def save(self):
         return self.checkpoints.save(self.step, unwrap(self.model), self.optimizer, self.scheduler,
-                                     model_config=self.cfg.model, trainer_state=self._trainer_state())
+                                     model_config=self.cfg.model, trainer_state=self._trainer_state(),
+                                     tokenizer=self.cfg.data.tokenizer, keep=self.cfg.trainer.keep_checkpoints)
 
     def _resume(self):
-        path = self.checkpoints.latest()
+        path = self.checkpoints.resume_point()  # a damaged `latest` falls back, with a warning, to an intact one
         if path is None:
             log.warning("--resume: no checkpoint under %s; starting from scratch", self.checkpoints.root)
             return
@@ -436,11 +532,31 @@ class Trainer:
                     metrics.update(self.validate())
                 self._log(metrics)
                 if (tc.save_interval and self.step % tc.save_interval == 0) or self.step == tc.steps:
-                    self.save()
+                    self._save_checkpoint()
         finally:
             if self.metrics is not None:
                 self.metrics.close()
 
+    def _save_checkpoint(self) -> None:
+        """``save()``, timed. A failed write (disk full, permissions) stops the run with a message that
+        names the path and errno and says which checkpoint ``latest`` still points to; megatron reports a
+        failure on any rank to every rank, with the details on rank 0 alone."""
+        from torch.distributed.checkpoint import CheckpointException
+
+        start = time.perf_counter()
+        try:
+            path = self.save()
+        except (Exception, CheckpointException) as e:
+            previous = self.checkpoints.latest()
+            kept = f"latest still points to {previous}" if previous else "there is no earlier checkpoint"
+            raise CheckpointSaveError(
+                f"the step-{self.step} checkpoint could not be written under {self.checkpoints.root}: "
+                f"{describe_write_failure(e, self.checkpoints.root, 'trainer.save_dir')}; {kept}",
+                details_elsewhere=isinstance(e, CheckpointException) and not e.failures) from e
+        if self.is_rank0:
+            log.info("checkpoint saved to %s (%.1f s)", path, time.perf_counter() - start)
+
     def close(self, destroy_process_group: bool = True) -> None:
+        self.claim.release()
         destroy_parallel(destroy_process_group)
 

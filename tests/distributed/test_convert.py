@@ -264,3 +264,58 @@ def test_streaming_holds_no_hidden_copies(tmp_path):
     got = run_distributed(_stream_and_inspect, 1, args=(str(tmp_path / "hf"), str(tmp_path / "mg")))[0]
     assert got["handed"] > 0 and got["views"] == 0
     assert got["cyclic_tensors"] == 0
+
+
+# vocab 17 pads to 24 rows at TP=1 and to 32 at TP=2 (make_vocab_size_divisible_by 8 x TP)
+PADDED_ARCH = dict(vocab_size=17, make_vocab_size_divisible_by=8, hidden_size=32, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=16)
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _padded_model(tied, tp, pp, groups):
+    from megatron_gndpo.config.schema import ModelConfig
+    from megatron_gndpo.models.provider import build_gpt_model
+
+    cfg = ModelConfig(**PADDED_ARCH, tie_word_embeddings=tied)
+    return cfg, build_gpt_model(cfg, common.parallel(tp, pp), common.FP32, pre_process=groups.is_first_stage,
+                                post_process=groups.is_last_stage)
+
+
+def _load_across_paddings(groups, tmp):
+    """A TP=1 checkpoint (24 vocabulary rows) loaded at TP=2 (32 rows) and saved from there; that TP=2
+    checkpoint loaded at TP=1 x PP=2 (24 rows). Global weights at each step."""
+    from megatron_gndpo.checkpoint.dist_ckpt import load_model_weights, save_model_weights
+    from megatron_gndpo.models.weights import gather_global_weights
+
+    out = {}
+    for tied in (False, True):
+        groups = relayout(1, 1)
+        cfg, model = _padded_model(tied, 1, 1, groups)
+        save_model_weights(model, f"{tmp}/tp1_{tied}", cfg, {"tp": 1, "pp": 1})
+        saved = gather_global_weights(model)
+        groups = relayout(2, 1)
+        cfg, model = _padded_model(tied, 2, 1, groups)
+        load_model_weights(model, f"{tmp}/tp1_{tied}", cfg, "model")
+        at_tp2 = gather_global_weights(model)
+        save_model_weights(model, f"{tmp}/tp2_{tied}", cfg, {"tp": 2, "pp": 1})
+        groups = relayout(1, 2)
+        cfg, model = _padded_model(tied, 1, 2, groups)
+        load_model_weights(model, f"{tmp}/tp2_{tied}", cfg, "model")
+        out[tied] = (saved, at_tp2, gather_global_weights(model))
+    return out
+
+
+def test_checkpoint_padded_for_another_tp_loads_at_any_layout(tmp_path):
+    """Padded vocabulary rows are added (zero) or dropped on load; every real row is bit-exact. This
+    used to be refused with a message to reshard the checkpoint first."""
+    loaded = run_distributed(_load_across_paddings, 2, args=(str(tmp_path),))[0]
+    for tied in (False, True):
+        saved, at_tp2, at_tp1pp2 = loaded[tied]
+        assert set(at_tp2) == set(at_tp1pp2) == set(saved), tied
+        for key, w in saved.items():
+            if key in VOCAB_KEYS:
+                assert w.shape[0] == 24 and at_tp2[key].shape[0] == 32 and at_tp1pp2[key].shape[0] == 24
+                assert torch.equal(at_tp2[key][:24], w) and not at_tp2[key][24:].any(), (tied, key)
+                assert torch.equal(at_tp1pp2[key], w), (tied, key)
+            else:
+                assert torch.equal(at_tp2[key], w) and torch.equal(at_tp1pp2[key], w), (tied, key)

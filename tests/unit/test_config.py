@@ -2,7 +2,7 @@ import pathlib
 
 import pytest
 
-from megatron_gndpo.config import ModelConfig, ParallelConfig, RunConfig, TeacherConfig, load_config
+from megatron_gndpo.config import ModelConfig, load_config
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples" / "configs"
 
@@ -26,17 +26,6 @@ def test_unknown_keys_and_bad_values_name_their_path():
         load_config(None, ["parallel.tensor_model_parallel_size=8", "model.intermediate_size=64"])
     with pytest.raises(ValueError, match="dotted.key=value"):
         load_config(None, ["model.hidden_size"])
-
-
-def test_teacher_with_another_vocabulary_is_refused():
-    with pytest.raises(ValueError,
-                       match=r"teacher vocabulary \(1001 tokens\) differs from the student's \(1000 tokens\)"):
-        RunConfig(model=ModelConfig(vocab_size=1000), teacher=TeacherConfig(model=ModelConfig(vocab_size=1001)))
-    # same true size, different padding: 1000 pads to 1024 vs 1000 -> refused naming both settings
-    with pytest.raises(ValueError, match="teacher padded vocabulary .1000. differs from the student's .1024."):
-        RunConfig(model=ModelConfig(vocab_size=1000),
-                  teacher=TeacherConfig(model=ModelConfig(vocab_size=1000, make_vocab_size_divisible_by=8)),
-                  parallel=ParallelConfig())
 
 
 def test_padded_vocab_follows_megatron():

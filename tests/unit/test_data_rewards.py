@@ -48,9 +48,8 @@ def test_empty_dataset_and_long_prompt_are_errors(tmp_path):
     with pytest.raises(ValueError, match="has no rows"):
         read_prompt_rows([str(tmp_path / "empty.parquet")])
     write_prompt_parquet(str(tmp_path / "ok.parquet"), _rows())
-    data = PromptDataset([str(tmp_path / "ok.parquet")], load_tokenizer(TOKENIZER), max_prompt_length=3)
-    with pytest.raises(ValueError, match="row 0 is 4 tokens, longer than data.max_prompt_length"):
-        data.prompt_ids(0)
+    with pytest.raises(ValueError, match="row 0: the prompt is 4 tokens, longer than data.max_prompt_length"):
+        PromptDataset([str(tmp_path / "ok.parquet")], load_tokenizer(TOKENIZER), max_prompt_length=3)
 
 
 def test_prompt_order_is_seeded_and_resumable():

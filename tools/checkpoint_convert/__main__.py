@@ -1,4 +1,4 @@
-"""python -m tools.checkpoint_convert {hf-to-megatron,megatron-to-hf,reshard} ..."""
+"""python -m tools.checkpoint_convert {hf-to-megatron,megatron-to-hf,reshard,verify} ..."""
 
 import sys
 
