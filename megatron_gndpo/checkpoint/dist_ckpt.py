@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -32,16 +31,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_gndpo.checkpoint.integrity import (META_FILE, CheckpointIntegrityError, checkpoint_problem,
-                                                 file_manifest, foreign_files, hashes_requested, remove_own_dir,
-                                                 replace_dir, verify_checkpoint)
+from megatron_gndpo.checkpoint.integrity import (checkpoint_problem, file_manifest, foreign_files, hashes_requested,
+                                                 remove_own_dir, replace_dir, verify_checkpoint)
+from megatron_gndpo.checkpoint.metadata import (LATEST_FILE, META_FILE, STEP_DIR, TOKENIZER_DIR,  # noqa: F401
+                                                CheckpointIntegrityError, model_config_from_checkpoint, read_meta,
+                                                resolve_checkpoint)
 from megatron_gndpo.config.schema import ModelConfig
 
 log = logging.getLogger(__name__)
 
-LATEST_FILE = "latest"
-STEP_DIR = re.compile(r"step_(\d+)")
-TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
@@ -66,49 +64,6 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> List[str]:
             shutil.copy2(src / name, dst / name)
             copied.append(name)
     return copied
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` when it is a checkpoint (it has ``gndpo_meta.json``), or the checkpoint its ``latest``
-    names when it is a checkpoint root (``RUN/checkpoints``)."""
-    path = Path(path)
-    if (path / META_FILE).is_file():
-        return path
-    pointer = path / LATEST_FILE
-    if pointer.is_file():
-        name = pointer.read_text(errors="replace").strip()
-        if not STEP_DIR.fullmatch(name):
-            raise CheckpointIntegrityError(f"{pointer} holds {name[:80]!r}, not the name of a step checkpoint")
-        target = path / name
-        if not (target / META_FILE).is_file():
-            raise CheckpointIntegrityError(f"{pointer} names {target}, which is not a complete checkpoint "
-                                           f"(no {META_FILE}); name an intact step_* directory instead")
-        return target
-    raise FileNotFoundError(f"{path} is not a megatron-gndpo checkpoint (no {META_FILE}) nor a checkpoint "
-                            f"directory (no {LATEST_FILE})")
-
-
-def read_meta(path: str | os.PathLike) -> Dict[str, Any]:
-    meta = Path(path) / META_FILE
-    if not meta.is_file():
-        raise FileNotFoundError(f"{path} is not a megatron-gndpo checkpoint (no {META_FILE})")
-    try:
-        return json.loads(meta.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointIntegrityError(f"{meta} is damaged: {e}") from None
-
-
-def model_config_from_checkpoint(path: str | os.PathLike) -> ModelConfig:
-    """The architecture a checkpoint (or, through ``latest``, a checkpoint root) was saved with. A
-    field this version does not know is refused by name; one the checkpoint predates takes its default."""
-    ckpt = resolve_checkpoint(path)
-    saved = read_meta(ckpt)["model"]
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(saved) - known)
-    if unknown:
-        raise ValueError(f"checkpoint {ckpt} records model fields this version does not know: {', '.join(unknown)}; "
-                         "upgrade megatron-gndpo to load it")
-    return ModelConfig(**saved)
 
 
 def check_architecture(path: str | os.PathLike, model: ModelConfig, role: str) -> None:

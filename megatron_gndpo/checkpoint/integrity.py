@@ -25,9 +25,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch.distributed as dist
 
+from megatron_gndpo.checkpoint.metadata import META_FILE, CheckpointIntegrityError
+
 log = logging.getLogger(__name__)
 
-META_FILE = "gndpo_meta.json"
 EXPORT_FILE = "gndpo_export.json"
 RECORD_FILES = (META_FILE, EXPORT_FILE)
 VERIFY_HASHES_ENV = "MEGATRON_GNDPO_VERIFY_HASHES"
@@ -37,10 +38,6 @@ CHECKPOINT_TOKENIZER_FILES = "tokenizer/*"
 # What a dist-checkpoint without a manifest holds (megatron's torch_dist files and our tokenizer copy):
 # a save in progress, or one written before manifests existed, is recognised as ours by these names.
 UNRECORDED_OWN_FILES = ("*.distcp", ".metadata", "common.pt", "metadata.json", CHECKPOINT_TOKENIZER_FILES)
-
-
-class CheckpointIntegrityError(ValueError):
-    """A checkpoint is damaged or incomplete; the message names the file."""
 
 
 def hashes_requested() -> bool:

@@ -137,8 +137,27 @@ def _convert(tp, value, path):
     return value
 
 
+def with_checkpoint_architectures(tree: Mapping) -> dict:
+    """``tree`` with ``model`` / ``teacher.model`` filled from ``student_checkpoint`` / ``teacher.checkpoint``:
+    a config names checkpoints, data and hyper-parameters, and the architecture comes from the checkpoint's
+    metadata. Fields the config states win (``max_position_embeddings`` to fit the run's lengths; any other
+    that disagrees with the checkpoint is refused when the run checks the checkpoint's architecture). A
+    checkpoint that does not exist yet (a config read before the job that writes it) contributes nothing
+    here; the run refuses it by name before building a model."""
+    # Imported here: checkpoint.metadata imports config.schema, whose package imports this module.
+    from megatron_gndpo.checkpoint.metadata import model_config_from_checkpoint
+
+    out = dict(tree)
+    teacher = out["teacher"] = dict(out.get("teacher") or {})
+    for section, checkpoint in ((out, out.get("student_checkpoint")), (teacher, teacher.get("checkpoint"))):
+        if checkpoint and os.path.exists(checkpoint):
+            saved = dataclasses.asdict(model_config_from_checkpoint(checkpoint))
+            section["model"] = {**saved, **(section.get("model") or {})}
+    return out
+
+
 def config_from_dict(tree: Mapping) -> RunConfig:
-    return _build(RunConfig, tree, "")
+    return _build(RunConfig, with_checkpoint_architectures(tree), "")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> RunConfig:

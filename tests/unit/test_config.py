@@ -42,3 +42,23 @@ def test_teacher_quantisation_settings_are_checked():
     with pytest.raises(ValueError, match="two FP8 schemes"):
         load_config(None, ["teacher.quantize=fp8", "precision.fp8=hybrid",
                            "precision.transformer_impl=transformer_engine"])
+
+
+def test_architectures_come_from_the_checkpoints(tmp_path):
+    """A config names checkpoints; model / teacher.model default to what they were saved with, and
+    a field the config states (the run's max_position_embeddings) wins."""
+    import dataclasses
+
+    from megatron_gndpo.checkpoint.dist_ckpt import write_meta
+    from megatron_gndpo.config.schema import ModelConfig
+
+    student = ModelConfig(vocab_size=1000, hidden_size=96, num_hidden_layers=3, num_attention_heads=6,
+                          num_key_value_heads=2, intermediate_size=160, max_position_embeddings=4096)
+    teacher = dataclasses.replace(student, hidden_size=128, num_attention_heads=8, vocab_size=1024)
+    for name, arch in (("student", student), ("teacher", teacher)):
+        (tmp_path / name).mkdir()
+        write_meta(tmp_path / name, arch, {"tp": 1, "pp": 1})
+    cfg = load_config(None, [f"student_checkpoint={tmp_path / 'student'}", f"teacher.checkpoint={tmp_path / 'teacher'}",
+                             "model.max_position_embeddings=1024"])
+    assert cfg.model == dataclasses.replace(student, max_position_embeddings=1024)
+    assert cfg.teacher.model == teacher
