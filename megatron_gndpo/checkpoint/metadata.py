@@ -26,6 +26,12 @@ class CheckpointIntegrityError(ValueError):
     """A checkpoint is damaged or incomplete; the message names the file."""
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a checkpoint or a checkpoint root (it has metadata, or a ``latest`` pointer)."""
+    path = Path(path)
+    return (path / META_FILE).is_file() or (path / LATEST_FILE).is_file()
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """``path`` when it is a checkpoint (it has ``gndpo_meta.json``), or the checkpoint its ``latest``
     names when it is a checkpoint root (``RUN/checkpoints``)."""

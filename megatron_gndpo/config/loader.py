@@ -143,14 +143,14 @@ def with_checkpoint_architectures(tree: Mapping) -> dict:
     metadata. Fields the config states win (``max_position_embeddings`` to fit the run's lengths; any other
     that disagrees with the checkpoint is refused when the run checks the checkpoint's architecture). A
     checkpoint that does not exist yet (a config read before the job that writes it) contributes nothing
-    here; the run refuses it by name before building a model."""
+    here (nor does a directory that is not one); the run refuses it by name before building a model."""
     # Imported here: checkpoint.metadata imports config.schema, whose package imports this module.
-    from megatron_gndpo.checkpoint.metadata import model_config_from_checkpoint
+    from megatron_gndpo.checkpoint.metadata import is_checkpoint, model_config_from_checkpoint
 
     out = dict(tree)
     teacher = out["teacher"] = dict(out.get("teacher") or {})
     for section, checkpoint in ((out, out.get("student_checkpoint")), (teacher, teacher.get("checkpoint"))):
-        if checkpoint and os.path.exists(checkpoint):
+        if checkpoint and is_checkpoint(checkpoint):
             saved = dataclasses.asdict(model_config_from_checkpoint(checkpoint))
             section["model"] = {**saved, **(section.get("model") or {})}
     return out
