@@ -2,7 +2,8 @@
 
 Every estimator is a pure function: tensors, scalars and an explicit ``group`` (the data-parallel x
 context-parallel group; ``None`` means one process) in, ``(advantages [B, T], stats)`` out. Stats are
-python floats that are already global over ``group``. Every rank makes the same collectives in the
+python floats that are already global over ``group``, keyed as they are logged: ``score/*`` for the
+per-token score, ``estimator/*`` for the rest. Every rank makes the same collectives in the
 same order, also with zero local tokens, and errors found after a reduction are raised on every rank
 together (so no rank is left waiting in a collective).
 
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from megatron_gndpo.algorithms.registry import Registry
+from megatron_gndpo.distributed.collectives import all_reduce
 
 ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
 register_advantage_estimator = ADVANTAGE_ESTIMATORS.register
@@ -42,12 +44,6 @@ def call_estimator(name: str, inputs: Dict[str, torch.Tensor], *, group, **kwarg
     return fn(**args, group=group, **kwargs)
 
 
-def _all_reduce(t: torch.Tensor, op, group: Optional[ProcessGroup]) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
-    return t
-
-
 def _score_stats(raw: torch.Tensor, score: torch.Tensor, mask: torch.Tensor, clip: Optional[float],
                  group: Optional[ProcessGroup]) -> Stats:
     """Global [count, sum, sum of squares, clipped, non-finite] of the clipped score (float64, ONE SUM
@@ -58,13 +54,13 @@ def _score_stats(raw: torch.Tensor, score: torch.Tensor, mask: torch.Tensor, cli
     s = torch.where(m & finite, score, torch.zeros((), dtype=score.dtype, device=score.device)).double()
     clipped = (m & finite & (raw.abs() > clip)).sum() if clip is not None else torch.zeros((), device=raw.device)
     sums = torch.stack([m.sum().double(), s.sum(), (s * s).sum(), clipped.double(), (m & ~finite).sum().double()])
-    sums = _all_reduce(sums, dist.ReduceOp.SUM, group)
+    sums = all_reduce(sums, dist.ReduceOp.SUM, group)
     big = torch.finfo(torch.float64).max
     r = raw.double()
     lowest = torch.tensor(-big, dtype=torch.float64, device=r.device)
     ext = torch.stack([torch.where(m & finite, r, -big).max() if r.numel() else lowest,
                        torch.where(m & finite, -r, -big).max() if r.numel() else lowest])
-    ext = _all_reduce(ext, dist.ReduceOp.MAX, group)
+    ext = all_reduce(ext, dist.ReduceOp.MAX, group)
     count, total, total_sq, n_clipped, n_bad = sums.tolist()
     if n_bad > 0:
         raise ValueError(
@@ -74,12 +70,12 @@ def _score_stats(raw: torch.Tensor, score: torch.Tensor, mask: torch.Tensor, cli
     mean = total / count if count else 0.0
     var = (total_sq - count * mean * mean) / (count - 1) if count > 1 else 0.0
     stats = {
-        "score_mean": mean,
-        "score_std": max(var, 0.0) ** 0.5,
-        "score_max": ext[0].item() if count else 0.0,
-        "score_min": -ext[1].item() if count else 0.0,
-        "score_clip_frac": n_clipped / count if count else 0.0,
-        "valid_tokens": count,
+        "score/mean": mean,
+        "score/std": max(var, 0.0) ** 0.5,
+        "score/max": ext[0].item() if count else 0.0,
+        "score/min": -ext[1].item() if count else 0.0,
+        "score/clip_frac": n_clipped / count if count else 0.0,
+        "estimator/valid_tokens": count,
     }
     return stats
 
@@ -99,7 +95,7 @@ def opd(teacher_logprobs, old_logprobs, response_mask, *, group=None, score_clip
     stats = _score_stats(raw, s, response_mask, score_clip, group)
     m = response_mask.bool()
     adv = torch.where(m & torch.isfinite(raw), s, torch.zeros((), device=s.device))
-    return adv, {**stats, "adv_mean": stats["score_mean"], "adv_std": stats["score_std"]}
+    return adv, {**stats, "estimator/adv_mean": stats["score/mean"], "estimator/adv_std": stats["score/std"]}
 
 
 @register_advantage_estimator("gndpo")
@@ -115,16 +111,16 @@ def gndpo(teacher_logprobs, old_logprobs, response_mask, *, group=None, score_cl
     """
     raw, s = _log_ratio(teacher_logprobs, old_logprobs, score_clip)
     stats = _score_stats(raw, s, response_mask, score_clip, group)
-    n = stats["valid_tokens"]
+    n = stats["estimator/valid_tokens"]
     if n < 2:
         raise ValueError(
             f"gndpo needs at least 2 valid response tokens in the global batch to estimate a variance, got {int(n)} "
             "(are all responses empty, or is the response mask all zeros?)"
         )
-    mu, std = stats["score_mean"], stats["score_std"]
+    mu, std = stats["score/mean"], stats["score/std"]
     m = response_mask.bool() & torch.isfinite(raw)
     adv = torch.where(m, (s - mu) / (std * std + eps) ** 0.5, torch.zeros((), device=s.device))
-    return adv, {**stats, "adv_mean": 0.0, "adv_std": std / (std * std + eps) ** 0.5}
+    return adv, {**stats, "estimator/adv_mean": 0.0, "estimator/adv_std": std / (std * std + eps) ** 0.5}
 
 
 @register_advantage_estimator("grpo")
@@ -142,11 +138,12 @@ def grpo(rewards, prompt_index, response_mask, *, group=None, eps: float = 1e-6)
         mean = r[sel].mean()
         std = r[sel].std() if sel.sum() > 1 else torch.ones((), dtype=r.dtype, device=r.device)
         a[sel] = (r[sel] - mean) / (std + eps)
-    sums = _all_reduce(torch.stack([torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device),
-                                    r.sum(), (r * r).sum()]), dist.ReduceOp.SUM, group)
+    sums = all_reduce(torch.stack([torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device),
+                                   r.sum(), (r * r).sum()]), dist.ReduceOp.SUM, group)
     n, total, total_sq = sums.tolist()
     mean = total / n if n else 0.0
-    stats = {"reward_mean": mean, "reward_std": max(total_sq / n - mean * mean, 0.0) ** 0.5 if n else 0.0}
+    stats = {"estimator/reward_mean": mean,
+             "estimator/reward_std": max(total_sq / n - mean * mean, 0.0) ** 0.5 if n else 0.0}
     return (a.float()[:, None] * response_mask.float()), stats
 
 
@@ -205,11 +202,11 @@ def uniopd(teacher_logprobs, old_logprobs, response_mask, correct=None, prompt_i
         return max(delta - gap, 0.0)
 
     if scope == "global":
-        sums = _all_reduce(torch.stack([c.sum().double(), seq_mean[c].double().sum(),
-                                        (~c).sum().double(), seq_mean[~c].double().sum()]), dist.ReduceOp.SUM, group)
+        sums = all_reduce(torch.stack([c.sum().double(), seq_mean[c].double().sum(),
+                                       (~c).sum().double(), seq_mean[~c].double().sum()]), dist.ReduceOp.SUM, group)
         d = shifts(c, ~c, sums.tolist())
         shift = torch.where(c, split * d, -(1.0 - split) * d)
-        stats["uniopd_shift"] = d
+        stats["estimator/uniopd_shift"] = d
     else:
         if prompt_index is None:
             raise ValueError("uniopd scope='group' needs prompt_index")

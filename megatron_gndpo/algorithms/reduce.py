@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch.distributed import ProcessGroup
+
+from megatron_gndpo.distributed.collectives import all_reduce
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
@@ -30,12 +31,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None, denom: Optional[t
     return masked_sum(x, mask, dim) / denom
 
 
-def all_reduce_sum(t: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
-
-
 def global_normalizer(mask: torch.Tensor, agg: str, group: Optional[ProcessGroup] = None) -> float:
     """The step-wide denominator of ``agg``: valid tokens (token-mean) or sequences with at least one
     valid token (seq-*), summed over ``group``. ``mask`` ``[B, T]`` is this rank's whole step."""
@@ -43,7 +38,7 @@ def global_normalizer(mask: torch.Tensor, agg: str, group: Optional[ProcessGroup
         raise ValueError(f"unknown loss aggregation {agg!r}; known: {', '.join(AGGREGATIONS)}")
     m = mask.bool()
     local = m.sum() if agg == "token-mean" else m.any(-1).sum()
-    return float(all_reduce_sum(local.to(torch.float64), group).item())
+    return float(all_reduce(local.to(torch.float64), group=group).item())
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str, normalizer: float) -> torch.Tensor:

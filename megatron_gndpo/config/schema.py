@@ -314,6 +314,12 @@ class TrainerConfig:
     """Greedy validation every N steps, and before the first (0: off)."""
     val_prompts: int = 64
     """How many held-out prompts validation uses."""
+    dump_rollouts: bool = False
+    """Write every step's responses (prompt, response, reward, per-token score mean / min / max) to
+    ``output_dir/rollouts/step_N.jsonl``."""
+    dump_validation: bool = False
+    """Write every validation's greedy responses (prompt, response, reward) to
+    ``output_dir/validation/step_N.jsonl`` (N: the step validated after, 0 before the first)."""
     tensorboard: bool = True
     """Write TensorBoard event files."""
     wandb_project: Optional[str] = None

@@ -16,6 +16,8 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_gndpo.distributed.collectives import all_reduce
+
 RECIPES = {"fp8": "FP8_DEFAULT_CFG"}
 
 
@@ -44,9 +46,8 @@ def logprob_error(reference: torch.Tensor, quantized: torch.Tensor, mask: torch.
     sums = torch.stack([diff.abs().sum(), diff.sum(), torch.tensor(float(diff.numel()), dtype=torch.float64,
                                                                     device=diff.device)])
     worst = diff.abs().max() if diff.numel() else diff.new_zeros(())
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(sums, group=group)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+    all_reduce(sums, group=group)
+    all_reduce(worst, dist.ReduceOp.MAX, group)
     n = max(sums[2].item(), 1.0)
     return {"abs_mean": sums[0].item() / n, "abs_max": worst.item(), "bias": sums[1].item() / n,
             "tokens": sums[2].item()}

@@ -1,9 +1,23 @@
-"""The trained student: a megatron-core model in megatron's DDP, and its optimizer."""
+"""The trained student: a megatron-core model in megatron's DDP, its optimizer and LR schedule
+(:class:`Student`, which scores its own samples and updates itself)."""
 
 from __future__ import annotations
 
-from megatron_gndpo.config.schema import ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_gndpo.checkpoint.dist_ckpt import load_model_weights
+from megatron_gndpo.config.schema import ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig, RunConfig
+from megatron_gndpo.distributed.collectives import all_reduce
+from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.models.provider import build_gpt_model, params_dtype
+from megatron_gndpo.trainer.megatron_glue import LogitsReadout, LossFn, forward_outputs, run_schedule
+from megatron_gndpo.trainer.rank_logging import rank0_logger
+
+log0 = rank0_logger(__name__)
+MicroBatch = Dict[str, torch.Tensor]
 
 
 def build_student(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, *,
@@ -71,3 +85,68 @@ def build_scheduler(optim: OptimConfig, optimizer, total_steps: int):
         wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant",
     )
+
+
+class Student:
+    """The student's pipeline stage in megatron's DDP (``model``; the GPTModel is ``module``), its
+    optimizer and LR schedule, loaded from ``student_checkpoint``. ``total_optimizer_steps`` is the
+    schedule's horizon. Counts the optimizer steps it skipped for non-finite gradients."""
+
+    def __init__(self, cfg: RunConfig, groups: ProcessGroups, readout: LogitsReadout, *, total_optimizer_steps: int):
+        self.groups, self.readout = groups, readout
+        self.model = build_student(cfg.model, cfg.parallel, cfg.precision, pre_process=groups.is_first_stage,
+                                   post_process=groups.is_last_stage)
+        self.optimizer = build_optimizer(cfg.optim, cfg.precision, cfg.parallel, self.model)
+        self.scheduler = build_scheduler(cfg.optim, self.optimizer, total_optimizer_steps)
+        if cfg.student_checkpoint:
+            load_model_weights(self.module, cfg.student_checkpoint, cfg.model, "student")
+            self.optimizer.reload_model_params()  # fp32 main weights follow the loaded bf16 ones
+        self.skipped_steps = 0
+
+    @property
+    def module(self):
+        """The GPTModel stage inside DDP: what samples, what checkpoints hold."""
+        return unwrap(self.model)
+
+    def score(self, microbatches: List[MicroBatch]) -> Optional[torch.Tensor]:
+        """Log-probs ``[B, T]`` of the micro-batches' labels under the current weights (the PPO / GSPO
+        "old" policy), read like the teacher's (last stage; None elsewhere)."""
+        out = forward_outputs(self.module, microbatches,
+                              lambda logits_shard, mb: {"logprobs": self.readout.logprobs(logits_shard, mb["labels"])})
+        return out.get("logprobs")
+
+    def update(self, minibatch: List[MicroBatch], loss_fn: LossFn) -> Dict[str, float]:
+        """One optimizer step on ``minibatch``: forward / backward of its micro-batches through megatron's
+        schedule with ``loss_fn`` (each micro-batch's share of the loss, already divided by the step's
+        global normaliser, and its metrics), then clip, optimizer and LR-schedule step; unless a gradient
+        is non-finite on any rank: then the step is skipped (and counted) and training goes on.
+
+        Returns ``actor/lr`` (the LR this step uses), ``actor/grad_norm`` and the sums of ``loss_fn``'s
+        metrics over micro-batches and data-parallel ranks (last stage)."""
+        g = self.groups
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.model.train()
+        out = run_schedule(self.model, minibatch, loss_fn=loss_fn, forward_only=False)
+
+        metrics: Dict[str, float] = {"actor/lr": self.optimizer.param_groups[0]["lr"]}
+        if self._gradients_finite():
+            _, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+            metrics["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        else:
+            self.skipped_steps += 1
+            log0.warning("non-finite gradients: optimizer step skipped (%d skipped so far)", self.skipped_steps)
+            metrics["actor/grad_norm"] = float("nan")
+        if g.is_last_stage:
+            keys = sorted(out[0])
+            sums = all_reduce(torch.stack([sum(o[k].double() for o in out) for k in keys]), dist.ReduceOp.SUM, g.dp_cp)
+            metrics.update(zip(keys, sums.tolist()))
+        return metrics
+
+    def _gradients_finite(self) -> bool:
+        """Whether every gradient of every rank is finite. Every main_grad is a view into one of DDP's
+        flat grad buffers: a few reductions and one MIN all-reduce over the world."""
+        buffers = [b.grad_data for b in self.model.buffers + self.model.expert_parallel_buffers]
+        finite = torch.stack([torch.isfinite(grad).all() for grad in buffers]).all().float()
+        return all_reduce(finite, dist.ReduceOp.MIN, dist.group.WORLD).item() == 1.0

@@ -1,14 +1,24 @@
-"""The frozen teacher: inference only, never wrapped in DDP, never seen by an optimizer."""
+"""The frozen teacher: inference only, never wrapped in DDP, never seen by an optimizer. It scores the
+student's sampled tokens (:class:`Teacher`), optionally ModelOpt-quantised and offloaded to host
+memory between its scoring phases."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_gndpo.checkpoint.dist_ckpt import load_model_weights
 from megatron_gndpo.config.schema import ParallelConfig, TeacherConfig
+from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.models.provider import build_gpt_model
+from megatron_gndpo.models.quantization import logprob_error, quantize_teacher
+from megatron_gndpo.trainer.megatron_glue import CollectFn, LogitsReadout, forward_outputs
+from megatron_gndpo.trainer.rank_logging import last_rank_logger, rank0_logger
+
+log0, log_last = rank0_logger(__name__), last_rank_logger(__name__)
+MicroBatch = Dict[str, torch.Tensor]
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -58,3 +68,61 @@ class OffloadedWeights:
         finally:
             for name, t in self._tensors():
                 t.data = self.host[name]
+
+
+class Teacher:
+    """The teacher's pipeline stage, loaded from ``teacher.checkpoint``; scores token sequences.
+
+    With ``teacher.quantize`` it is quantised at construction (ModelOpt, calibrated on ``calibration``)
+    and ``quant_metrics`` holds its log-prob error on ``held_out`` (last stage; {} elsewhere). With
+    ``teacher.offload`` on GPUs its weights live in pinned host memory outside :meth:`score`."""
+
+    def __init__(self, cfg: TeacherConfig, parallel: ParallelConfig, groups: ProcessGroups, readout: LogitsReadout,
+                 *, calibration: Optional[Tuple[List[MicroBatch], List[MicroBatch]]] = None):
+        self.groups, self.readout = groups, readout
+        offload = cfg.offload and groups.device.type == "cuda"
+        self.model = build_teacher(cfg, parallel, pre_process=groups.is_first_stage,
+                                   post_process=groups.is_last_stage, cpu_initialization=True if offload else None)
+        if cfg.checkpoint:
+            load_model_weights(self.model, cfg.checkpoint, cfg.model, "teacher")
+        else:
+            log0.info("teacher.checkpoint is not set: the teacher has random weights (tests only)")
+        self.offloaded: Optional[OffloadedWeights] = None  # quantisation scores with the weights on the device
+        self.quant_metrics: Dict[str, float] = self._quantize(cfg.quantize, *calibration) if cfg.quantize else {}
+        if offload:
+            self.offloaded = OffloadedWeights(self.model, groups.device)
+
+    def score(self, microbatches: List[MicroBatch]) -> Optional[torch.Tensor]:
+        """Log-probs ``[B, T]`` of the micro-batches' labels, at the readout's temperature (last stage;
+        None elsewhere)."""
+        return self.score_outputs(microbatches).get("logprobs")
+
+    def score_outputs(self, microbatches: List[MicroBatch], *extra: CollectFn) -> Dict[str, torch.Tensor]:
+        """``{"logprobs": ...}`` and, from the same forward pass, the tensors each ``extra`` function reads
+        off the logits shard (a divergence term's teacher top-k, say); {} off the last stage."""
+        with self.offloaded.on_device() if self.offloaded else contextlib.nullcontext():
+            return self._outputs(self.model, microbatches, extra)
+
+    def _outputs(self, model, microbatches: List[MicroBatch], extra: Sequence[CollectFn]) -> Dict[str, torch.Tensor]:
+        def collect(logits_shard, mb):
+            kept = {"logprobs": self.readout.logprobs(logits_shard, mb["labels"])}
+            for fn in extra:
+                kept.update(fn(logits_shard, mb))
+            return kept
+
+        return forward_outputs(model, microbatches, collect)
+
+    def _quantize(self, method: str, calibration: List[MicroBatch], held_out: List[MicroBatch]) -> Dict[str, float]:
+        """Scales calibrated on ``calibration``, then the log-prob error against the unquantised teacher
+        on ``held_out`` (last stage: the metrics; {} elsewhere)."""
+        self.model.to(self.groups.device)  # calibration runs on the GPU; offloading takes it back afterwards
+        reference = self.score(held_out)
+        self.model = quantize_teacher(self.model, method, lambda model: self._outputs(model, calibration, ()))
+        quantized = self.score(held_out)
+        if not self.groups.is_last_stage:
+            return {}
+        mask = torch.cat([mb["mask"] for mb in held_out])
+        error = logprob_error(reference, quantized, mask, self.groups.dp_cp)
+        log_last.info("teacher quantised with ModelOpt (%s): |log-prob error| mean %.3g, max %.3g over %d held-out "
+                      "prompt tokens", method, error["abs_mean"], error["abs_max"], error["tokens"])
+        return {f"teacher_quant/logprob_{k}": v for k, v in error.items()}

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_gndpo.distributed.init import ProcessGroups
+from megatron_gndpo.ops.vocab_parallel import vocab_parallel_logprobs
 from megatron_gndpo.rollout.sampling import vocab_parallel_sample
 
 
@@ -49,6 +50,10 @@ class Rollout:
     prompt_lengths: torch.Tensor
     response_lengths: torch.Tensor
     truncated: torch.Tensor
+    logprobs: Optional[torch.Tensor] = None
+    """``[B, L]`` float32: the sampler's log-prob of each response token (at the sampling temperature,
+    before top-k / top-p, as the trainer scores it), 0 elsewhere. On the last pipeline stage of a
+    sampled (temperature > 0) rollout; None otherwise."""
 
     def responses(self) -> List[List[int]]:
         return [self.tokens[b, p:p + r].tolist() for b, (p, r) in
@@ -162,6 +167,10 @@ def generate(
     rows = rows.to(device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     resp_len = torch.zeros(b, dtype=torch.long, device=device)
+    # The sampler's own log-probs, against which the trainer's recomputed ones show a precision or
+    # engine mismatch; greedy decoding has no sampling distribution to report.
+    logprobs = torch.zeros((b, total), dtype=torch.float32, device=device) \
+        if groups.is_last_stage and params.temperature > 0 else None
     last_src = dist.get_global_rank(groups.pp, groups.pp_size - 1)
 
     was_training = model.training
@@ -178,6 +187,9 @@ def generate(
                         logits, rows=rows, position=torch.full_like(rows, cur), seed=seed, group=groups.tp,
                         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, vocab_size=vocab_size,
                     )
+                    if logprobs is not None:
+                        token_logprobs = vocab_parallel_logprobs(logits, nxt, group=groups.tp,
+                                                                 temperature=params.temperature, vocab_size=vocab_size)
                 else:
                     nxt = torch.empty(b, dtype=torch.long, device=device)
                 if groups.pp_size > 1:
@@ -187,6 +199,8 @@ def generate(
                 tokens[:, cur] = torch.where(in_prompt, tokens[:, cur],
                                              torch.where(generating, nxt, torch.full_like(nxt, params.pad_token_id)))
                 resp_len += generating.long()
+                if logprobs is not None:
+                    logprobs[:, cur] = torch.where(generating, token_logprobs, torch.zeros_like(token_logprobs))
                 hit_eos = generating & torch.isin(nxt, eos) if eos.numel() else torch.zeros_like(done)
                 done |= hit_eos | (generating & (resp_len >= params.max_new_tokens))
                 prev, cur = cur, cur + 1
@@ -197,4 +211,4 @@ def generate(
     if eos.numel():
         last = tokens.gather(1, (plen + resp_len - 1).clamp_min(0)[:, None])[:, 0]
         truncated &= ~torch.isin(last, eos)
-    return Rollout(tokens[:, :end], plen, resp_len, truncated)
+    return Rollout(tokens[:, :end], plen, resp_len, truncated, None if logprobs is None else logprobs[:, :end])

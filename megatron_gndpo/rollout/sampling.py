@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from megatron_gndpo.ops.vocab_parallel import _all_reduce, _Math, vocab_parallel_topk
+from megatron_gndpo.distributed.collectives import all_reduce, group_rank, group_size
+from megatron_gndpo.ops import mask_padded_vocab, vocab_parallel_softmax, vocab_parallel_topk
 
 _MASK64 = (1 << 64) - 1
 
@@ -139,13 +140,12 @@ def _top_p_mask(x: torch.Tensor, p: float, group, iters: int = 40) -> torch.Tens
     threshold whose kept mass is still >= p. Found by bisection (one [B] SUM all-reduce per
     iteration) instead of a global sort, which would need the whole vocabulary on one rank; tau is
     exact to ``2**-iters``."""
-    lse = _Math.log_normalizer(x, group)
-    probs = torch.exp(x - lse[:, None])
-    lo = torch.zeros_like(lse)
-    hi = torch.ones_like(lse)
+    probs = vocab_parallel_softmax(x, group=group)
+    lo = torch.zeros(x.shape[0], dtype=probs.dtype, device=x.device)
+    hi = torch.ones_like(lo)
     for _ in range(iters):
         mid = (lo + hi) / 2
-        mass = _all_reduce(torch.where(probs >= mid[:, None], probs, 0.0).sum(dim=-1), dist.ReduceOp.SUM, group)
+        mass = all_reduce(torch.where(probs >= mid[:, None], probs, 0.0).sum(dim=-1), dist.ReduceOp.SUM, group)
         keep = mass >= p
         lo = torch.where(keep, mid, lo)
         hi = torch.where(keep, hi, mid)
@@ -172,14 +172,10 @@ def vocab_parallel_sample(
     ``temperature == 0`` is greedy; ``top_k`` (0: off) and ``top_p`` (1: off) restrict the
     distribution before sampling, top-k first, as vLLM does.
     """
-    world = 1 if group is None else dist.get_world_size(group)
-    rank = 0 if group is None else dist.get_rank(group)
+    world = group_size(group)
     v_local = logits_shard.shape[-1]
-    start = rank * v_local
-    x = logits_shard.float()
-    if vocab_size is not None and start + v_local > vocab_size:
-        x = x.clone() if x.data_ptr() == logits_shard.data_ptr() else x
-        x[..., max(vocab_size - start, 0):] = float("-inf")
+    start = group_rank(group) * v_local
+    x = mask_padded_vocab(logits_shard.float(), start, vocab_size)
     if temperature > 0:
         x = x / temperature
         if top_k > 0:
@@ -194,9 +190,7 @@ def vocab_parallel_sample(
         best, idx = x.max(dim=-1)
     if world == 1:
         return idx + start
-    global_best = best.clone()
-    dist.all_reduce(global_best, op=dist.ReduceOp.MAX, group=group)
+    global_best = all_reduce(best.clone(), dist.ReduceOp.MAX, group)
     # ties across shards go to the highest id, the same on every rank
     candidate = torch.where(best == global_best, idx + start, torch.full_like(idx, -1))
-    dist.all_reduce(candidate, op=dist.ReduceOp.MAX, group=group)
-    return candidate
+    return all_reduce(candidate, dist.ReduceOp.MAX, group)

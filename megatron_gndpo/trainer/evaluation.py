@@ -12,8 +12,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_gndpo.config.schema import RolloutConfig, RunConfig
+from megatron_gndpo.distributed.collectives import all_reduce
 from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.rollout.generator import SamplingParams, generate
+from megatron_gndpo.trainer.dumps import response_records, write_gathered
+from megatron_gndpo.trainer.rewards import REWARD_KEYS
 
 
 def sampling_params(rollout: RolloutConfig, tokenizer) -> SamplingParams:
@@ -27,24 +30,44 @@ def sampling_params(rollout: RolloutConfig, tokenizer) -> SamplingParams:
 
 @torch.no_grad()
 def greedy_eval(model, dataset, tokenizer, reward_fn, sampling: SamplingParams, *, groups: ProcessGroups,
-                vocab_size: int, max_sequence_length: int, limit: int) -> Dict[str, float]:
+                vocab_size: int, max_sequence_length: int, limit: int,
+                dump_to: Optional[Path] = None) -> Dict[str, float]:
     """Mean reward and accuracy of greedy responses to the first ``limit`` prompts of ``dataset``,
-    split over data-parallel ranks and summed back."""
+    split over data-parallel ranks and summed back: ``val/reward``, ``val/acc``, and the same per
+    ``data_source`` of the rows that name one (``val/<data_source>/reward``, ...). ``dump_to``: a
+    JSONL file that receives every response (see ``dumps.py``)."""
     n = min(limit, len(dataset))
     mine = list(range(groups.dp_rank, n, groups.dp_size))
-    sums = torch.zeros(3, dtype=torch.float64, device=groups.device)
+    # every rank holds the whole dataset, so all agree on the sources without exchanging them
+    sources = sorted({dataset.rows[i].data_source for i in range(n)} - {""})
+    # row 0: every prompt; row 1 + k: the prompts of sources[k]. Columns: count, reward, accuracy.
+    sums = torch.zeros((1 + len(sources), 3), dtype=torch.float64, device=groups.device)
+    records = []
     if mine:
         rollout = generate(model, [dataset.prompt_ids(i) for i in mine], torch.tensor(mine, device=groups.device),
                            dataclasses.replace(sampling, temperature=0.0), groups=groups, vocab_size=vocab_size,
                            seed=0, max_sequence_length=max_sequence_length)
         texts = tokenizer.batch_decode(rollout.responses(), skip_special_tokens=True)
         scored = [reward_fn(t, dataset.rows[i].ground_truth) for t, i in zip(texts, mine)]
-        sums += torch.tensor([len(mine), sum(s["reward"] for s in scored), sum(s["acc"] for s in scored)],
-                             dtype=torch.float64, device=groups.device)
-    if groups.dp_size > 1:
-        dist.all_reduce(sums, group=groups.dp_cp)
-    total, reward, acc = sums.tolist()
-    return {"val/reward": reward / total, "val/acc": acc / total}
+        sums[0] += torch.tensor([len(mine), sum(s["reward"] for s in scored), sum(s["acc"] for s in scored)],
+                                dtype=torch.float64, device=groups.device)
+        for i, s in zip(mine, scored):
+            if dataset.rows[i].data_source:
+                sums[1 + sources.index(dataset.rows[i].data_source)] += torch.tensor(
+                    [1.0, s["reward"], s["acc"]], dtype=torch.float64, device=groups.device)
+        if dump_to is not None:
+            rows = [dataset.rows[i] for i in mine]
+            records = response_records(tokenizer, [dataset.prompt_ids(i) for i in mine], rollout.responses(), mine,
+                                       {k: [s[k] for s in scored] for k in REWARD_KEYS},
+                                       data_source=[r.data_source for r in rows],
+                                       ground_truth=[r.ground_truth for r in rows])
+    sums = all_reduce(sums, dist.ReduceOp.SUM, groups.dp_cp).tolist()
+    metrics = {"val/reward": sums[0][1] / sums[0][0], "val/acc": sums[0][2] / sums[0][0]}
+    for source, (count, reward, acc) in zip(sources, sums[1:]):
+        metrics.update({f"val/{source}/reward": reward / count, f"val/{source}/acc": acc / count})
+    if dump_to is not None and groups.tp_rank == 0 and groups.is_last_stage:
+        write_gathered(dump_to, records, groups.dp_cp)
+    return metrics
 
 
 def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, *, limit: Optional[int] = None) -> Dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The one place that talks to megatron-core's pipeline schedules and owns its loss rescaling.
+"""The one place that talks to megatron-core's pipeline schedules and owns its loss rescaling, and how
+every model's vocab-sharded logits are read (:class:`LogitsReadout`).
 
 Megatron's ``forward_step_calc_loss`` divides a micro-batch loss by ``num_microbatches`` (2-tuple
 return) or by its token count (3-tuple, unless ``calculate_per_token_loss``), and DDP divides
@@ -12,12 +13,37 @@ plain sum of our pre-normalised micro-batch losses.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
+from torch.distributed import ProcessGroup
+
+from megatron_gndpo.ops.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
 
 # (logits_shard [b, T, V/tp], micro-batch) -> (scalar loss, metrics)
 LossFn = Callable[[torch.Tensor, Dict[str, torch.Tensor]], "tuple[torch.Tensor, Dict[str, torch.Tensor]]"]
+# (logits_shard [b, T, V/tp], micro-batch) -> tensors to keep, each [b, ...]
+CollectFn = Callable[[torch.Tensor, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class LogitsReadout:
+    """How logits shards are read, the same for teacher and student so that their log-probs compare:
+    over the tensor-parallel ``group``, at the rollout ``temperature``, over the ``vocab_size`` ids the
+    two models share (ids beyond it, one model's padding or extra rows, get probability 0)."""
+
+    group: Optional[ProcessGroup]
+    temperature: float
+    vocab_size: int
+
+    def logprobs(self, logits_shard: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_logprobs(logits_shard, labels, group=self.group, temperature=self.temperature,
+                                       vocab_size=self.vocab_size)
+
+    def entropy(self, logits_shard: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_entropy(logits_shard, group=self.group, temperature=self.temperature,
+                                      vocab_size=self.vocab_size)
 
 
 def model_forward(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -30,7 +56,7 @@ def run_schedule(
     microbatches: Sequence[Dict[str, torch.Tensor]],
     *,
     loss_fn: Optional[LossFn] = None,
-    collect_fn: Optional[Callable[[torch.Tensor, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None,
+    collect_fn: Optional[CollectFn] = None,
     forward_only: bool,
 ) -> List[Dict[str, torch.Tensor]]:
     """Run ``microbatches`` (each ``tokens``/``position_ids`` ``[b, T]`` plus loss inputs, all the same
@@ -71,3 +97,12 @@ def run_schedule(
         micro_batch_size=shape[0],
         forward_only=forward_only,
     )
+
+
+@torch.no_grad()
+def forward_outputs(model, microbatches: Sequence[Dict[str, torch.Tensor]], collect_fn: CollectFn,
+                    ) -> Dict[str, torch.Tensor]:
+    """Forward-only pass of ``microbatches``; what ``collect_fn`` keeps of each, concatenated over the
+    micro-batches (``[B, ...]``) on the last pipeline stage, {} on the others."""
+    out = run_schedule(model, microbatches, collect_fn=collect_fn, forward_only=True)
+    return {k: torch.cat([o[k] for o in out]) for k in out[0]} if out else {}

@@ -1,5 +1,6 @@
-"""Where step metrics go: a JSONL file (always), TensorBoard, W&B, and progress on stdout (a rich
-progress bar on a terminal, one plain line per step otherwise).
+"""Step metrics: what the rollout's rows measure (global over data parallelism), and where metrics go:
+a JSONL file (always), TensorBoard, W&B, and progress on stdout (a rich progress bar on a terminal,
+one plain line per step otherwise).
 
 Only the logging rank (the last global rank: it holds the losses, which live on the last pipeline
 stage) writes; every line is flushed as it is written, so a crash loses nothing already logged.
@@ -14,12 +15,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from megatron_gndpo.distributed.collectives import all_reduce
+from megatron_gndpo.rollout.generator import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,56 @@ class PhaseTimer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> Dict[str, float]:
+        return {f"time/{name}_s": sec for name, sec in self.seconds.items()}
+
+
+def rollout_metrics(rollout: Rollout, rewards: Dict[str, torch.Tensor], group: ProcessGroup) -> Dict[str, float]:
+    """Collective over ``group`` (data parallel): response and prompt lengths, truncation, reward,
+    accuracy and format of the step's rows, and its token count (``perf/tokens``)."""
+    resp, prompt = rollout.response_lengths.double(), rollout.prompt_lengths.double()
+    n = torch.tensor(float(resp.numel()), dtype=torch.float64, device=resp.device)
+    sums = all_reduce(torch.stack([n, resp.sum(), rollout.truncated.double().sum(), rewards["reward"].double().sum(),
+                                   rewards["acc"].double().sum(), rewards["format"].double().sum(), prompt.sum()]),
+                      dist.ReduceOp.SUM, group)
+    ext = all_reduce(torch.stack([resp.max(), -resp.min(), prompt.max(), -prompt.min()]), dist.ReduceOp.MAX, group)
+    n, resp_sum, truncated, reward, acc, fmt, prompt_sum = sums.tolist()
+    resp_max, resp_neg_min, prompt_max, prompt_neg_min = ext.tolist()
+    return {"response/length_mean": resp_sum / n, "response/length_max": resp_max, "response/length_min": -resp_neg_min,
+            "response/truncated_frac": truncated / n, "reward": reward / n, "acc": acc / n, "format": fmt / n,
+            "prompt/length_mean": prompt_sum / n, "prompt/length_max": prompt_max, "prompt/length_min": -prompt_neg_min,
+            "perf/tokens": prompt_sum + resp_sum}
+
+
+def _masked_moments(x: torch.Tensor, mask: torch.Tensor, group: ProcessGroup) -> Dict[str, float]:
+    """Collective over ``group``: mean, (population) std, max and min of ``x`` over the tokens of ``mask``
+    on every rank (float64; one SUM and one MAX all-reduce)."""
+    m, x = mask.bool(), x.double()
+    zero, big = torch.zeros((), dtype=torch.float64, device=x.device), torch.finfo(torch.float64).max
+    sums = all_reduce(torch.stack([m.sum().double(), torch.where(m, x, zero).sum(), torch.where(m, x * x, zero).sum()]),
+                      dist.ReduceOp.SUM, group)
+    ext = all_reduce(torch.stack([torch.where(m, x, -big).max(), torch.where(m, -x, -big).max()]),
+                     dist.ReduceOp.MAX, group)
+    n, total, total_sq = sums.tolist()
+    mean = total / n
+    return {"mean": mean, "std": math.sqrt(max(total_sq / n - mean * mean, 0.0)), "max": ext[0].item(),
+            "min": -ext[1].item()}
+
+
+def advantage_metrics(advantages: torch.Tensor, mask: torch.Tensor, group: ProcessGroup) -> Dict[str, float]:
+    """Collective over ``group``: the advantages' mean, std, max and min over the response tokens."""
+    return {f"adv/{k}": v for k, v in _masked_moments(advantages, mask, group).items()}
+
+
+def logprob_diff_metrics(rollout_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
+                         group: ProcessGroup) -> Dict[str, float]:
+    """Collective over ``group``: ``|sampler's log-prob - recomputed old log-prob|`` of each response
+    token, its max, mean and std. The two come from the same weights, so anything beyond rounding
+    is a precision or engine mismatch between rollout and training (the rollout's KV-cached decode
+    against the training forward)."""
+    moments = _masked_moments((rollout_logprobs.double() - old_logprobs.double()).abs(), mask, group)
+    return {f"rollout/logprob_diff_{k}": moments[k] for k in ("max", "mean", "std")}
 
 
 JSONL = "metrics.jsonl"

@@ -66,7 +66,7 @@ def test_gndpo_and_loss_gradients_are_split_invariant():
             gn, stats, (lo, hi) = res[("gndpo", dp)]
             torch.testing.assert_close(gn, ref_adv[lo:hi], rtol=1e-5, atol=1e-6,
                                        msg=lambda m: f"rank {rank} DP={dp} gndpo: {m}")
-            for k in ("score_mean", "score_std", "score_min", "score_max", "valid_tokens"):
+            for k in ("score/mean", "score/std", "score/min", "score/max", "estimator/valid_tokens"):
                 assert abs(stats[k] - ref_stats[k]) < 1e-9 * max(1.0, abs(ref_stats[k])), f"rank {rank} DP={dp} {k}"
             for (name, agg), (ref_loss, ref_grad) in refs.items():
                 total, grad, (lo, hi) = res[(name, agg, dp)]

@@ -75,9 +75,9 @@ def _quantized_trainer(groups, tmp, pp):
                      student_checkpoint=str(tmp / "student"), teacher={"checkpoint": str(tmp / "teacher")})
     destroy_parallel(destroy_process_group=False)
     trainer = Trainer(cfg)
-    fp8 = {name: p.dtype == torch.float8_e4m3fn for name, p in trainer.teacher.named_parameters()}
+    fp8 = {name: p.dtype == torch.float8_e4m3fn for name, p in trainer.teacher.model.named_parameters()}
     metrics = trainer.train_step()
-    return {"quant": trainer.teacher_quant_metrics, "fp8": fp8, "loss": metrics.get("actor/policy_loss"),
+    return {"quant": trainer.teacher.quant_metrics, "fp8": fp8, "loss": metrics.get("actor/policy_loss"),
             "logging": trainer.is_logging_rank}
 
 

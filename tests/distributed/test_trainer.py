@@ -1,9 +1,11 @@
 """The trainer end to end on tiny models: parallel invariance of whole steps, exact resume, crash-safe
-saves, and the bad inputs of DESIGN.md §3.5."""
+saves, the bad inputs of DESIGN.md §3.5, and what a run reports (rollout-vs-trainer log-probs, metrics
+per data source, JSONL dumps, log lines once)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ from tests.trainer_setup import make_initial_checkpoints, run_config
 pytestmark = pytest.mark.distributed
 
 COMPARED = ("actor/policy_loss", "actor/grad_norm", "score/mean", "score/std", "adv/max", "reward",
-            "response/length_mean")
+            "response/length_mean", "response/length_min", "prompt/length_mean", "prompt/length_max",
+            "prompt/length_min", "estimator/valid_tokens")
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +43,9 @@ def _trainer(groups, cfg, resume=False):
 
 
 def _weights(trainer):
-    from megatron_gndpo.models.student import unwrap
     from megatron_gndpo.models.weights import gather_global_weights
 
-    return gather_global_weights(unwrap(trainer.model))
+    return gather_global_weights(trainer.student.module)
 
 
 def _steps(groups, tmp, tp, pp, steps):
@@ -57,13 +59,18 @@ def _steps(groups, tmp, tp, pp, steps):
 @pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)])
 def test_two_steps_match_single_process(workdir, tp, pp, dp):
     """Same data and seeds: sampled responses, losses, statistics and updated weights equal the
-    single-process run (float32; tolerance 2e-5 on weights after two Adam steps of lr 1e-3)."""
+    single-process run (float32; tolerance 2e-5 on weights after two Adam steps of lr 1e-3). The
+    sampler's own log-probs of its tokens equal the trainer's recomputed ones up to rounding."""
     ref = run_distributed(_steps, 1, args=(str(workdir), 1, 1, 2))[0]
     out = run_distributed(_steps, tp * pp * dp, tp=tp, pp=pp, args=(str(workdir), tp, pp, 2))
     got = next(o["metrics"] for o in out if o["metrics"] is not None)
     for step, (r, g) in enumerate(zip(ref["metrics"], got)):
         for key in COMPARED:
             assert g[key] == pytest.approx(r[key], rel=1e-4, abs=1e-5), (step, key)
+        for m in (r, g):
+            assert 0 <= m["rollout/logprob_diff_mean"] <= m["rollout/logprob_diff_max"] < 1e-4, (step, m)
+            assert m["rollout/logprob_diff_std"] < 1e-4
+            assert m["response/length_min"] <= m["response/length_mean"] <= m["response/length_max"]
     for key, w in ref["weights"].items():
         torch.testing.assert_close(out[0]["weights"][key], w, rtol=0, atol=2e-5, msg=key)
     assert ref["metrics"][1]["actor/grad_norm"] > 0
@@ -137,11 +144,11 @@ def test_interrupted_save_leaves_previous_checkpoint(workdir):
 
 
 def _poisoned_step(groups, tmp):
-    import megatron_gndpo.trainer.trainer as trainer_module
+    import megatron_gndpo.models.student as student_module
 
     cfg = _config(tmp, [f"trainer.output_dir={tmp}/nan", "trainer.mini_batches=1"])
     trainer = _trainer(groups, cfg)
-    real = trainer_module.run_schedule
+    real = student_module.run_schedule
     calls = {"train": 0}
 
     def poison(model, microbatches, **kwargs):
@@ -152,7 +159,7 @@ def _poisoned_step(groups, tmp):
                 next(p for p in model.parameters() if p.requires_grad).main_grad.view(-1)[0] = float("nan")
         return out
 
-    trainer_module.run_schedule = poison
+    student_module.run_schedule = poison
     before = _weights(trainer)
     first = trainer.train_step()
     after_first = _weights(trainer)
@@ -170,6 +177,7 @@ def test_non_finite_gradients_skip_the_step(workdir):
 
 
 def _empty_step(groups, tmp):
+    import megatron_gndpo.trainer.step as step_module
     import megatron_gndpo.trainer.trainer as trainer_module
     from megatron_gndpo.rollout.generator import Rollout
 
@@ -179,7 +187,7 @@ def _empty_step(groups, tmp):
         return Rollout(tokens, torch.tensor([len(p) for p in prompts]), zeros, zeros.bool())
 
     trainer = _trainer(groups, _config(tmp, [f"trainer.output_dir={tmp}/empty"]))
-    trainer_module.generate = nothing
+    step_module.generate = nothing
     try:
         trainer.train_step()
     except trainer_module.EmptyStepError as e:
@@ -223,3 +231,75 @@ def test_training_checkpoint_exports_to_hf(workdir):
     assert set(exported) == set(expected)
     for k, v in expected.items():
         assert torch.equal(exported[k], v), k
+
+
+# --- what a run reports --------------------------------------------------------------------------------
+
+def _reporting_run(groups, tmp):
+    import logging
+
+    import torch.distributed as dist
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append((record.levelname, record.getMessage()))
+
+    logging.getLogger("megatron_gndpo").setLevel(logging.INFO)
+    logging.getLogger("megatron_gndpo").addHandler(Keep(level=logging.INFO))
+    out = Path(tmp) / "reporting"
+    cfg = run_config(Path(tmp), [f"trainer.output_dir={out}", "trainer.steps=1", "trainer.val_interval=1",
+                                 "trainer.dump_rollouts=true", "trainer.dump_validation=true",
+                                 f"data.val_files=[{tmp}/two_sources.parquet]"],
+                     student_checkpoint=str(Path(tmp) / "student"))  # no teacher.checkpoint: a random teacher
+    trainer = _trainer(groups, cfg)
+    trainer.train()
+    dist.barrier()  # rank 0 reads what the logging rank wrote
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    dumps = {p.relative_to(out).as_posix(): [json.loads(line) for line in p.read_text().splitlines()]
+             for p in sorted(out.glob("*/step_*.jsonl"))}
+    return {"rank": dist.get_rank(), "records": records, "rows": rows, "dumps": dumps}
+
+
+def test_a_run_reports_per_source_validation_dumps_and_logs_once(workdir):
+    """Two data-parallel ranks, one step, validation before and after on prompts of two data sources:
+    val/<source>/* average to val/*; rollouts and validation generations are dumped, every response
+    once, in row order; the teacher-without-checkpoint notice is one INFO line from rank 0."""
+    from megatron_gndpo.data.prompts import verl_row, write_prompt_parquet
+
+    write_prompt_parquet(str(Path(workdir) / "two_sources.parquet"), [
+        verl_row([{"role": "user", "content": f"{a}+{a % 7}="}], str(a + a % 7),
+                 data_source="alpha" if a % 3 else "beta") for a in range(8)])
+    out = run_distributed(_reporting_run, 2, args=(str(workdir),))
+    rows = out[0]["rows"]
+    assert [r["step"] for r in rows] == [0, 1]
+    for row in rows:
+        n = {"alpha": 5, "beta": 3}
+        for key in ("acc", "reward"):
+            mixed = sum(row[f"val/{s}/{key}"] * n[s] for s in n) / 8
+            assert mixed == pytest.approx(row[f"val/{key}"], abs=1e-12)
+    train = rows[1]
+    for key in ("prompt/length_mean", "prompt/length_max", "prompt/length_min", "response/length_min",
+                "rollout/logprob_diff_max", "rollout/logprob_diff_mean", "rollout/logprob_diff_std", "perf/tokens"):
+        assert key in train, key
+
+    dumps = out[0]["dumps"]
+    assert sorted(dumps) == ["rollouts/step_1.jsonl", "validation/step_0.jsonl", "validation/step_1.jsonl"]
+    rollouts = dumps["rollouts/step_1.jsonl"]
+    assert [r["row"] for r in rollouts] == list(range(16))  # 4 prompts x 4 samples, both ranks' shares
+    for r in rollouts:
+        assert {"prompt", "response", "reward", "acc", "format", "data_source", "ground_truth"} <= set(r)
+        assert "+" in r["prompt"] and r["data_source"] == "test"
+        summary = r["log_ratio"]
+        assert summary is None or summary["min"] <= summary["mean"] <= summary["max"]
+    assert any(r["log_ratio"] is not None for r in rollouts)
+    assert sum(r["reward"] for r in rollouts) / 16 == pytest.approx(train["reward"], abs=1e-6)
+    for name in ("validation/step_0.jsonl", "validation/step_1.jsonl"):
+        val = dumps[name]
+        assert [r["row"] for r in val] == list(range(8))
+        assert [r["data_source"] for r in val] == ["beta" if a % 3 == 0 else "alpha" for a in range(8)]
+    assert sum(r["acc"] for r in dumps["validation/step_1.jsonl"]) / 8 == pytest.approx(train["val/acc"], abs=1e-12)
+
+    notices = {o["rank"]: [r for r in o["records"] if "teacher.checkpoint is not set" in r[1]] for o in out}
+    assert [level for level, _ in notices[0]] == ["INFO"] and notices[1] == []

@@ -31,10 +31,10 @@ def _inputs(dtype, extreme):
     return s.to(dtype), t.to(dtype), target, upstream
 
 
-def _ref(s, t, target, upstream, kind, beta=0.5, top_k=None):
+def _ref(s, t, target, upstream, kind, beta=0.5, top_k=None, inplace=False, vocab=V_TRUE):
     """float64, full vocabulary (padding columns dropped), autograd for the gradients."""
-    s = s[:, :V_TRUE].double().requires_grad_(True)
-    t = t[:, :V_TRUE].double()
+    s = s[:, :vocab].double().requires_grad_(True)
+    t = t[:, :vocab].double()
     ls, lt = F.log_softmax(s / TEMP, -1), F.log_softmax(t / TEMP, -1)
     if kind == "logp":
         out = ls.gather(1, target[:, None]).squeeze(1)
@@ -58,12 +58,30 @@ def _ref(s, t, target, upstream, kind, beta=0.5, top_k=None):
             out = (beta * pt * (lt - lm) + (1 - beta) * ps * (ls - lm)).sum(-1)
     (out * upstream.double()).sum().backward()
     grad = torch.zeros(s.shape[0], V_PAD, dtype=torch.float64)
-    grad[:, :V_TRUE] = s.grad
+    grad[:, :vocab] = s.grad
     return out.detach(), grad
 
 
-CASES = [("logp", {}), ("entropy", {}), ("reverse", {}), ("forward", {}), ("jsd", {"beta": 0.3}),
-         ("reverse", {"top_k": 20}), ("forward", {"top_k": 20})]
+CASES = [("logp", {}), ("logp", {"inplace": True}), ("entropy", {}), ("reverse", {}), ("forward", {}),
+         ("jsd", {"beta": 0.3}), ("reverse", {"top_k": 20}), ("forward", {"top_k": 20})]
+
+
+def _run_cases(groups, s_full, t_full, target, upstream, vocab, results, tp):
+    v_local = V_PAD // tp
+    sl = slice(groups.tp_rank * v_local, (groups.tp_rank + 1) * v_local)
+    for kind, kw in CASES:
+        s = s_full[:, sl].clone().requires_grad_(True)
+        t = t_full[:, sl].clone()
+        common = dict(group=groups.tp, temperature=TEMP, vocab_size=vocab, chunk_size=7)
+        if kind == "logp":
+            out = vocab_parallel_logprobs(s, target, **kw, **common)
+        elif kind == "entropy":
+            out = vocab_parallel_entropy(s, **common)
+        else:
+            out = vocab_parallel_kl(s, t, kind=kind, **kw, **common)
+        (out * upstream).sum().backward()
+        results[(tp, kind, tuple(kw.items()))] = (out.detach(), s.grad.float(), sl)
+    return sl
 
 
 def _ops_per_tp(groups, dtype, extreme):
@@ -71,20 +89,7 @@ def _ops_per_tp(groups, dtype, extreme):
     results = {}
     for tp in (1, 2, 4):
         groups = relayout(tp)
-        v_local = V_PAD // tp
-        sl = slice(groups.tp_rank * v_local, (groups.tp_rank + 1) * v_local)
-        for kind, kw in CASES:
-            s = s_full[:, sl].clone().requires_grad_(True)
-            t = t_full[:, sl].clone()
-            common = dict(group=groups.tp, temperature=TEMP, vocab_size=V_TRUE, chunk_size=7)
-            if kind == "logp":
-                out = vocab_parallel_logprobs(s, target, **common)
-            elif kind == "entropy":
-                out = vocab_parallel_entropy(s, **common)
-            else:
-                out = vocab_parallel_kl(s, t, kind=kind, **kw, **common)
-            (out * upstream).sum().backward()
-            results[(tp, kind, tuple(kw.items()))] = (out.detach(), s.grad.float(), sl)
+        sl = _run_cases(groups, s_full, t_full, target, upstream, V_TRUE, results, tp)
         vals, ids = vocab_parallel_topk(t_full[:, sl], 20, group=groups.tp, vocab_size=V_TRUE)
         results[(tp, "topk")] = (vals.float(), ids)
     return results
@@ -115,6 +120,30 @@ def test_ops_match_float64_reference_at_tp_1_2_4(dtype, extreme):
             # ids may order ties differently (bf16); the values they point at must be the top-k values
             assert torch.equal(t[:, :V_TRUE].float().gather(1, ids), ref_top.values), f"rank {rank} TP={tp}: top-k ids"
             assert all(len(set(row.tolist())) == 20 for row in ids), f"rank {rank} TP={tp}: repeated top-k ids"
+
+
+# at TP=4 (shards of 256 ids) a vocabulary of 700 ids leaves rank 3 a shard of padding only
+SMALL_VOCAB = 700
+
+
+def _padding_only_shard(groups):
+    s_full, t_full, target, upstream = _inputs(torch.float32, False)
+    results = {}
+    _run_cases(relayout(4), s_full, t_full, target % SMALL_VOCAB, upstream, SMALL_VOCAB, results, 4)
+    return results
+
+
+def test_a_shard_of_padding_only():
+    s, t, target, upstream = _inputs(torch.float32, False)
+    refs = {(kind, tuple(kw.items())): _ref(s, t, target % SMALL_VOCAB, upstream, kind, **kw, vocab=SMALL_VOCAB)
+            for kind, kw in CASES}
+    for rank, res in enumerate(run_distributed(_padding_only_shard, 4, timeout_s=240)):
+        for (kind, kw), (ref_out, ref_grad) in refs.items():
+            out, grad, sl = res[(4, kind, kw)]
+            where = f"rank {rank} {kind}{dict(kw)}"
+            torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-4, msg=lambda m: f"{where}: {m}")
+            torch.testing.assert_close(grad.double(), ref_grad[:, sl], rtol=1e-4, atol=1e-4,
+                                       msg=lambda m: f"{where} grad: {m}")
 
 
 def _fused_per_tp(groups):

@@ -82,7 +82,7 @@ def _run(groups, tmp, tp, student_vocab, teacher_vocab):
     reference; one training step and one validation, recording every vocab_size the trainer passes."""
     import megatron_gndpo.trainer.trainer as trainer_module
     from megatron_gndpo.distributed.init import destroy_parallel
-    from megatron_gndpo.models.student import unwrap
+    from megatron_gndpo.trainer import batches, megatron_glue, step
 
     destroy_parallel(destroy_process_group=False)  # the trainer builds the groups from its own config
     cfg = _config(tmp, student_vocab, teacher_vocab, [f"parallel.tensor_model_parallel_size={tp}",
@@ -91,11 +91,12 @@ def _run(groups, tmp, tp, student_vocab, teacher_vocab):
     g, shared = trainer.groups, trainer.shared_vocab_size
     ids = torch.randint(0, TOKENS, (4, 9), generator=torch.Generator().manual_seed(0))
     ids[:, -1] = TOKENS - 1
-    batch = trainer_module.sequences_from_prompts(ids.tolist(), 0, g.device)
-    microbatches = trainer_module.split_rows(batch, 2)
+    batch = batches.sequences_from_prompts(ids.tolist(), 0, g.device)
+    microbatches = batches.split_rows(batch, 2)
     out = {"shared": shared}
-    for name, model in (("teacher", trainer.teacher), ("student", unwrap(trainer.model))):
-        got = trainer._score(model, microbatches)
+    for name, scorer, model in (("teacher", trainer.teacher, trainer.teacher.model),
+                                ("student", trainer.student, trainer.student.module)):
+        got = scorer.score(microbatches)
         ref, width = _full_logprobs(model, microbatches, g, shared)
         out[name] = {"error": (got.double() - ref).abs().max().item(), "shard_width": width}
 
@@ -110,8 +111,9 @@ def _run(groups, tmp, tp, student_vocab, teacher_vocab):
             return result
         return wrapped
 
-    for name in ("generate", "vocab_parallel_logprobs", "vocab_parallel_entropy", "greedy_eval"):
-        setattr(trainer_module, name, spy(name, getattr(trainer_module, name)))
+    for module, name in ((step, "generate"), (megatron_glue, "vocab_parallel_logprobs"),
+                         (megatron_glue, "vocab_parallel_entropy"), (trainer_module, "greedy_eval")):
+        setattr(module, name, spy(name, getattr(module, name)))
     metrics = trainer.train_step()
     trainer.validate()
     out.update(seen=seen, sampled_max=max(sampled), finite=all(math.isfinite(v) for v in metrics.values()))

@@ -31,12 +31,12 @@ def test_gndpo_matches_float64_formula_and_accepts_float_masks():
     a2, _ = adv.gndpo(teacher, old, mask.float())
     assert torch.equal(a, a2)
     assert (a[~mask] == 0).all()
-    assert stats["valid_tokens"] == mask.sum().item()
-    assert math.isclose(stats["score_mean"], mu.item(), rel_tol=1e-9)
-    assert math.isclose(stats["score_std"], var.sqrt().item(), rel_tol=1e-9)
+    assert stats["estimator/valid_tokens"] == mask.sum().item()
+    assert math.isclose(stats["score/mean"], mu.item(), rel_tol=1e-9)
+    assert math.isclose(stats["score/std"], var.sqrt().item(), rel_tol=1e-9)
     raw = (teacher - old)[mask]
-    assert math.isclose(stats["score_clip_frac"], (raw.abs() > 5).float().mean().item(), rel_tol=1e-6)
-    assert math.isclose(stats["score_max"], raw.max().item(), rel_tol=1e-6)
+    assert math.isclose(stats["score/clip_frac"], (raw.abs() > 5).float().mean().item(), rel_tol=1e-6)
+    assert math.isclose(stats["score/max"], raw.max().item(), rel_tol=1e-6)
 
 
 def test_gndpo_refuses_fewer_than_two_tokens_and_non_finite_logprobs():
@@ -59,7 +59,7 @@ def test_opd_clips_and_masks():
     a, stats = adv.opd(teacher, old, mask, score_clip=2.0)
     expected = torch.where(mask, (teacher - old).clamp(-2, 2), torch.zeros(()))
     assert torch.equal(a, expected)
-    assert 0 < stats["score_clip_frac"] < 1
+    assert 0 < stats["score/clip_frac"] < 1
 
 
 def test_gopd_with_lambda_one_is_unclipped_opd_and_vopd_adds_kl():
@@ -84,7 +84,7 @@ def test_grpo_z_scores_within_prompt_groups():
     expected = torch.cat([(g0 - g0.mean()) / (g0.std() + 1e-6), (g1 - g1.mean()) / (g1.std() + 1e-6)])
     torch.testing.assert_close(a[:, 0], expected)
     torch.testing.assert_close(a[:, 1], expected)
-    assert math.isclose(stats["reward_mean"], rewards.mean().item(), rel_tol=1e-6)
+    assert math.isclose(stats["estimator/reward_mean"], rewards.mean().item(), rel_tol=1e-6)
 
 
 def test_uniopd_masks_outliers_and_shifts_by_correctness():
@@ -98,7 +98,7 @@ def test_uniopd_masks_outliers_and_shifts_by_correctness():
     m0 = (1.0 + 0.0) / 2  # incorrect sequence mean
     m1 = (0.5 + 0.0 - 0.5) / 3  # correct sequence mean
     d = 0.4 - (m1 - m0)
-    assert math.isclose(stats["uniopd_shift"], d, rel_tol=1e-6)
+    assert math.isclose(stats["estimator/uniopd_shift"], d, rel_tol=1e-6)
     torch.testing.assert_close(a[1], torch.tensor([0.5, 0.0, -0.5]) + 0.5 * d)
     torch.testing.assert_close(a[0, :2], torch.tensor([1.0, 0.0]) - 0.5 * d)
 

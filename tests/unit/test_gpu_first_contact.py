@@ -83,7 +83,7 @@ def test_sequences_are_padded_for_fp8_and_the_real_positions_keep_their_log_prob
     from megatron_gndpo.distributed.init import destroy_parallel, init_parallel
     from megatron_gndpo.models.provider import build_gpt_model
     from megatron_gndpo.ops.vocab_parallel import vocab_parallel_logprobs
-    from megatron_gndpo.trainer.trainer import pad_sequence_length
+    from megatron_gndpo.trainer.batches import pad_sequence_length
 
     toks = common.tokens(3, 21)
     batch = {"tokens": toks[:, :-1], "labels": toks[:, 1:], "mask": torch.ones(3, 20, dtype=torch.bool),

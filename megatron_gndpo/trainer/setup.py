@@ -1,0 +1,175 @@
+"""A run's setup: the checks before any compute, what they open (tokenizer, prompts, metrics), and the
+two models.
+
+Each check runs through ``preflight.agree``, decided together so that every rank stops on the same
+error: the batch layout and the names in the config; rank 0 claims the run's directories (a lock
+against a second run, and no fresh run over an earlier run's checkpoints); every rank checks that it
+can write them; the initial checkpoints' architectures and tokenizers; every prompt's length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch.distributed as dist
+
+from megatron_gndpo.algorithms.advantages import get_advantage_estimator
+from megatron_gndpo.algorithms.losses import POLICY_LOSSES
+from megatron_gndpo.checkpoint.dist_ckpt import CheckpointManager, check_architecture
+from megatron_gndpo.config.schema import DataConfig, RunConfig, check_same_vocabulary
+from megatron_gndpo.data.prompts import PromptDataset
+from megatron_gndpo.data.tokenizer import check_checkpoint_tokenizers, load_tokenizer
+from megatron_gndpo.distributed.init import ProcessGroups
+from megatron_gndpo.models.student import Student
+from megatron_gndpo.models.teacher import Teacher
+from megatron_gndpo.rewards import get_reward
+from megatron_gndpo.rollout.generator import SamplingParams
+from megatron_gndpo.trainer.batches import MicroBatch, pad_sequence_length, sequences_from_prompts, split_rows
+from megatron_gndpo.trainer.evaluation import sampling_params
+from megatron_gndpo.trainer.megatron_glue import LogitsReadout
+from megatron_gndpo.trainer.metrics import MetricsWriter
+from megatron_gndpo.trainer.preflight import RunClaim, agree, claim_run, probe_writable
+from megatron_gndpo.trainer.rank_logging import rank0_logger
+
+log0 = rank0_logger(__name__)
+
+
+@dataclasses.dataclass
+class RunSetup:
+    """What the checks decided and opened, the same on every rank (``metrics``: the logging rank's)."""
+
+    checkpoints: CheckpointManager
+    claim: RunClaim
+    policy_loss: Callable
+    reward_fn: Callable
+    tokenizer: Any
+    vocab_size: int
+    """The vocabulary student and teacher share: every vocab-parallel op on either model's logits masks
+    the ids at or beyond it."""
+    train_data: PromptDataset
+    val_data: Optional[PromptDataset]
+    sampling: SamplingParams
+    sequence_multiple: int
+    """Transformer Engine's FP8 GEMMs need token counts that are multiples of 16 (``pad_sequence_length``)."""
+    calibration: Optional[Tuple[List[MicroBatch], List[MicroBatch]]]
+    """``teacher.quantize``: this rank's calibration and held-out prompt micro-batches."""
+    metrics: Optional[MetricsWriter]
+
+
+def prepare_run(cfg: RunConfig, groups: ProcessGroups, *, resume: bool) -> RunSetup:
+    """Collective: every check before compute, in order, and what they open."""
+    tc = cfg.trainer
+    policy_loss, reward_fn = agree("checking the config", lambda: _check_layout_and_names(cfg, groups))
+    checkpoints = CheckpointManager(tc.checkpoint_dir, layout={"tp": groups.tp_size, "pp": groups.pp_size,
+                                                               "dp": groups.dp_size},
+                                    ranks={"tp": groups.tp_rank, "pp": groups.pp_rank, "dp": groups.dp_rank})
+    claim = claim_run(tc, checkpoints, resume=resume)
+    agree("checking the run's directories", lambda: (probe_writable(tc.output_dir, "trainer.output_dir"),
+                                                     probe_writable(tc.checkpoint_dir, "trainer.save_dir")))
+    agree("checking the initial checkpoints", lambda: _check_initial_checkpoints(cfg))
+    tokenizer, vocab_size = agree("checking data.tokenizer against the checkpoints", lambda: _tokenizer(cfg))
+    train_data, val_data = agree("opening data.train_files and data.val_files",
+                                 lambda: _open_datasets(cfg.data, tokenizer))
+    sampling = sampling_params(cfg.rollout, tokenizer)
+    multiple = 16 if (cfg.precision.fp8 or cfg.teacher.precision.fp8) else 1
+    calibration = agree("choosing the teacher's calibration prompts (teacher.calibration_prompts)",
+                        lambda: _calibration(cfg, groups, train_data, sampling.pad_token_id, multiple)) \
+        if cfg.teacher.quantize else None
+    # config.yaml is written now, before the models are built, so that a run that fails there has it
+    metrics = agree("opening the metrics in trainer.output_dir", lambda: _open_metrics(cfg, claim.start_step))
+    return RunSetup(checkpoints, claim, policy_loss, reward_fn, tokenizer, vocab_size, train_data, val_data, sampling,
+                    multiple, calibration, metrics)
+
+
+def build_models(cfg: RunConfig, groups: ProcessGroups, run: RunSetup) -> Tuple[Student, Teacher]:
+    """Collective: the student (with its optimizer and schedule) and the teacher, loaded, both reading
+    their logits alike (over TP, at the rollout temperature, over the shared vocabulary)."""
+    readout = LogitsReadout(groups.tp, cfg.rollout.temperature, run.vocab_size)
+    student = Student(cfg, groups, readout, total_optimizer_steps=cfg.trainer.steps * cfg.trainer.mini_batches)
+    teacher = Teacher(cfg.teacher, cfg.parallel, groups, readout, calibration=run.calibration)
+    return student, teacher
+
+
+def is_logging_rank() -> bool:
+    """The last global rank writes the metrics: it holds the losses, which live on the last pipeline stage."""
+    return dist.get_rank() == dist.get_world_size() - 1
+
+
+def _check_layout_and_names(cfg: RunConfig, groups: ProcessGroups):
+    """The batch divides over the layout, and the estimator, policy loss and reward exist."""
+    tc = cfg.trainer
+    if tc.prompts_per_step % (groups.dp_size * tc.mini_batches):
+        raise ValueError(f"trainer.prompts_per_step ({tc.prompts_per_step}) must be divisible by the "
+                         f"data-parallel size ({groups.dp_size}) x trainer.mini_batches ({tc.mini_batches}), so "
+                         "that every rank holds whole prompt groups of every mini-batch")
+    rows_per_rank = tc.prompts_per_step * cfg.rollout.n_samples // groups.dp_size
+    if rows_per_rank % (tc.micro_batch_size * tc.mini_batches):
+        raise ValueError(
+            f"responses per data-parallel rank ({rows_per_rank} = prompts_per_step x n_samples / DP) "
+            f"must be divisible by trainer.micro_batch_size ({tc.micro_batch_size}) x "
+            f"trainer.mini_batches ({tc.mini_batches})")
+    get_advantage_estimator(cfg.algorithm.estimator)
+    return POLICY_LOSSES.get(cfg.algorithm.policy_loss), get_reward(cfg.data.reward)
+
+
+def _check_initial_checkpoints(cfg: RunConfig) -> None:
+    """Each configured checkpoint exists and holds the configured architecture (loading would find out
+    later, after the models are built, on every rank at once)."""
+    for path, model, role in ((cfg.student_checkpoint, cfg.model, "student"),
+                              (cfg.teacher.checkpoint, cfg.teacher.model, "teacher")):
+        if path:
+            check_architecture(path, model, role)
+
+
+def _tokenizer(cfg: RunConfig):
+    """data.tokenizer, the same as the checkpoints' own, and the vocabulary both models share."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    check_checkpoint_tokenizers(tokenizer, cfg.data.tokenizer, {
+        "student_checkpoint": cfg.student_checkpoint, "teacher.checkpoint": cfg.teacher.checkpoint})
+    return tokenizer, check_same_vocabulary(len(tokenizer), cfg.model, cfg.teacher.model)
+
+
+def _open_datasets(data: DataConfig, tokenizer):
+    """Training and validation prompts, every prompt measured against data.max_prompt_length."""
+    def open_files(files: List[str], field: str) -> PromptDataset:
+        dataset = PromptDataset(files, tokenizer, max_prompt_length=data.max_prompt_length, images=data.images,
+                                overlong=data.overlong_prompts)
+        if dataset.dropped:
+            log0.warning("%s: left out %d of %d prompts longer than data.max_prompt_length (%d) "
+                         "(data.overlong_prompts=drop)", field, dataset.dropped, dataset.dropped + len(dataset),
+                         data.max_prompt_length)
+        return dataset
+
+    return (open_files(data.train_files, "data.train_files"),
+            open_files(data.val_files, "data.val_files") if data.val_files else None)
+
+
+def _calibration(cfg: RunConfig, groups: ProcessGroups, train_data: PromptDataset, pad_token_id: int,
+                 multiple: int) -> Tuple[List[MicroBatch], List[MicroBatch]]:
+    """This rank's share of the first and of the second half of the first ``teacher.calibration_prompts``
+    training prompts, as micro-batches: ModelOpt calibrates on the first half, the log-prob error is
+    measured on the second."""
+    n, mbs = cfg.teacher.calibration_prompts, cfg.trainer.micro_batch_size
+    if n > len(train_data) or (n // 2) % (groups.dp_size * mbs):
+        raise ValueError(f"teacher.calibration_prompts ({n}) must be at most the training prompts "
+                         f"({len(train_data)}), and half of it a multiple of the data-parallel size "
+                         f"({groups.dp_size}) x trainer.micro_batch_size ({mbs})")
+    share = n // 2 // groups.dp_size
+
+    def rank_rows(first: int) -> List[MicroBatch]:
+        start = first + groups.dp_rank * share
+        batch = sequences_from_prompts([train_data.prompt_ids(i) for i in range(start, start + share)], pad_token_id,
+                                       groups.device)
+        return split_rows(pad_sequence_length(batch, multiple, pad_token_id), mbs)
+
+    return rank_rows(0), rank_rows(n // 2)
+
+
+def _open_metrics(cfg: RunConfig, start_step: int) -> Optional[MetricsWriter]:
+    if not is_logging_rank():
+        return None
+    tc = cfg.trainer
+    return MetricsWriter(tc.output_dir, total_steps=tc.steps, start_step=start_step, tensorboard=tc.tensorboard,
+                         wandb_project=tc.wandb_project, progress=tc.progress, config=dataclasses.asdict(cfg),
+                         title=cfg.algorithm.estimator.upper())
