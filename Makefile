@@ -29,6 +29,7 @@ demo: venv
 	$(PY) -m megatron_gndpo.demo --nproc $(NPROC)
 
 test: venv
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 $(VENV_LATEST)/.installed: setup.py requirements/mcore-latest-constraints.txt

@@ -34,6 +34,6 @@ setup(
         "quant": MODELOPT,
         "wandb": ["wandb"],
         "math": ["mathruler>=0.1", "pylatexenc>=2.10", "sympy"],
-        "dev": ["pytest>=8", "matplotlib>=3.8", "mathruler>=0.1", "pylatexenc>=2.10", "sympy", *MODELOPT],
+        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8", "mathruler>=0.1", "pylatexenc>=2.10", "sympy", *MODELOPT],
     },
 )

@@ -246,7 +246,8 @@ def main():
               f"{r['comm_bytes_per_token']:>11.1f} {r['time_ms']:>9.1f} {r['min_ms']:>9.1f}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"device": device, "date": time.strftime("%Y-%m-%d"), **versions, "config": cfg, "rows": rows}, f, indent=1)
+        json.dump({"device": device, "date": time.strftime("%Y-%m-%d"), **versions, "config": cfg, "rows": rows}, f,
+                  indent=1)
     print(f"wrote {args.out}")
 
 

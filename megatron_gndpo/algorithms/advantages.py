@@ -44,6 +44,41 @@ def call_estimator(name: str, inputs: Dict[str, torch.Tensor], *, group, **kwarg
     return fn(**args, group=group, **kwargs)
 
 
+def estimator_options(name: str) -> Dict[str, inspect.Parameter]:
+    """The keyword arguments estimator ``name`` takes from ``algorithm.estimator_kwargs``: its keyword-only
+    parameters (the tensors it reads come from the step, ``group`` from the layout)."""
+    params = inspect.signature(get_advantage_estimator(name)).parameters
+    return {k: p for k, p in params.items() if p.kind == p.KEYWORD_ONLY and k != "group"}
+
+
+def check_estimator_kwargs(name: str, kwargs: Dict[str, object]) -> Dict[str, object]:
+    """``kwargs`` typed after estimator ``name``'s defaults (an int or a YAML string such as ``1e9``
+    where a float is expected becomes a float); a key it does not take, or a value of another type,
+    is refused by name."""
+    options = estimator_options(name)
+    valid = ", ".join(f"{k}={p.default!r}" for k, p in options.items()) or "none"
+    out = {}
+    for key, value in kwargs.items():
+        if key not in options:
+            raise ValueError(f"algorithm.estimator_kwargs.{key}: estimator {name!r} takes no {key!r}; "
+                             f"its options (with defaults): {valid}")
+        out[key] = _typed(value, options[key].default, f"algorithm.estimator_kwargs.{key} (estimator {name!r})")
+    return out
+
+
+def _typed(value: object, default: object, where: str) -> object:
+    """``value`` where ``default`` stands: same type, a float from an int or a number's string, anything
+    for a None default."""
+    if default is None or (type(value) is type(default)):
+        return value
+    if isinstance(default, float) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"{where} must be {type(default).__name__}, got {value!r}")
+
+
 def _score_stats(raw: torch.Tensor, score: torch.Tensor, mask: torch.Tensor, clip: Optional[float],
                  group: Optional[ProcessGroup]) -> Stats:
     """Global [count, sum, sum of squares, clipped, non-finite] of the clipped score (float64, ONE SUM
@@ -150,8 +185,9 @@ def grpo(rewards, prompt_index, response_mask, *, group=None, eps: float = 1e-6)
 @register_advantage_estimator("vopd")
 def vopd(teacher_logprobs, old_logprobs, token_kl, response_mask, *, group=None):
     """Variance-reduced OPD: A_t = stopgrad(r_t + KL_t), r_t = lp_T - lp_old,
-    KL_t = sum_v p_s(v) (log p_s(v) - log p_T(v)) (full vocabulary or renormalised top-k; computed
-    by ``vocab_parallel_kl(kind='reverse')``). E_{y~p_s}[r_t] = -KL_t, so KL_t is the baseline.
+    KL_t = sum_v p_s(v) (log p_s(v) - log p_T(v)) over the full vocabulary, or over the teacher's top-k ids
+    plus one tail bucket (``algorithm.divergence.top_k``; ``trainer/distill.py`` computes it in the
+    student's old-log-prob phase). E_{y~p_s}[r_t] = -KL_t, so KL_t is the baseline.
     [B, T] x4 -> A [B, T]."""
     raw = teacher_logprobs.float() - old_logprobs.float()
     score = raw + token_kl.detach().float()
@@ -220,6 +256,6 @@ def uniopd(teacher_logprobs, old_logprobs, response_mask, correct=None, prompt_i
     return adv, stats
 
 
-def with_outcome_advantage(distill_adv: torch.Tensor, outcome_adv: torch.Tensor, distill_weight: float) -> torch.Tensor:
-    """KDRL-style combination: A = A_outcome + w * A_distill (both [B, T], 0 where masked)."""
-    return outcome_adv + distill_weight * distill_adv
+def with_outcome_advantage(distill_adv: torch.Tensor, outcome_adv: torch.Tensor, outcome_weight: float) -> torch.Tensor:
+    """KDRL's mix: A = A_distill + w * A_outcome (both [B, T], 0 where masked)."""
+    return distill_adv + outcome_weight * outcome_adv

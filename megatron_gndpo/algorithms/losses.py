@@ -18,10 +18,9 @@ import torch
 
 from megatron_gndpo.algorithms.reduce import aggregate
 from megatron_gndpo.algorithms.registry import Registry
-from megatron_gndpo.ops.vocab_parallel import vocab_parallel_kl
 
 POLICY_LOSSES = Registry("policy loss")
-DIVERGENCES = Registry("divergence")
+SAMPLED_DIVERGENCES = Registry("sampled-token divergence")
 Metrics = Dict[str, torch.Tensor]
 
 
@@ -84,52 +83,33 @@ def gspo(logprobs, old_logprobs, advantages, mask, *, normalizer: float, agg: st
 
 
 # --- divergences used as direct loss terms -------------------------------------------------------
-# Sampled-token estimators take the log-probs of the sampled token; the full-vocabulary ones the
-# per-token value already computed by ``ops.vocab_parallel.vocab_parallel_kl``.
+# ``algorithm.divergence.kind``: k1-k3 take the log-probs of the sampled token (``SAMPLED_DIVERGENCES``);
+# rkl / fkl / jsd compare the two distributions over the vocabulary or the teacher's top-k
+# (``ops.vocab_parallel``: ``vocab_parallel_kl`` / ``topk_tail_divergence`` with the kind below).
+DISTRIBUTION_DIVERGENCES = {"rkl": "reverse", "fkl": "forward", "jsd": "jsd"}
 
 
-@DIVERGENCES.register("k1")
+@SAMPLED_DIVERGENCES.register("k1")
 def k1(student_logprobs, teacher_logprobs):
     """k1 = lp_s - lp_T (unbiased for KL(S||T) under y ~ p_s, high variance)."""
     return student_logprobs - teacher_logprobs.detach()
 
 
-@DIVERGENCES.register("k2")
+@SAMPLED_DIVERGENCES.register("k2")
 def k2(student_logprobs, teacher_logprobs):
     """k2 = 0.5 (lp_s - lp_T)^2."""
     return 0.5 * (student_logprobs - teacher_logprobs.detach()) ** 2
 
 
-@DIVERGENCES.register("k3")
+@SAMPLED_DIVERGENCES.register("k3")
 def k3(student_logprobs, teacher_logprobs):
     """k3 = rho - 1 - log rho, rho = p_T / p_s (non-negative, unbiased for KL(S||T) under y ~ p_s)."""
     log_rho = teacher_logprobs.detach() - student_logprobs
     return torch.exp(log_rho) - 1 - log_rho
 
 
-@DIVERGENCES.register("rkl")
-def rkl(student_logits, teacher_logits, *, group=None, temperature=1.0, top_k=None, vocab_size=None):
-    """KL(S||T) per token on vocab-sharded logits (full vocabulary, or top-k + tail)."""
-    return vocab_parallel_kl(student_logits, teacher_logits, kind="reverse", group=group,
-                             temperature=temperature, top_k=top_k, vocab_size=vocab_size)
-
-
-@DIVERGENCES.register("fkl")
-def fkl(student_logits, teacher_logits, *, group=None, temperature=1.0, top_k=None, vocab_size=None):
-    """KL(T||S) per token on vocab-sharded logits."""
-    return vocab_parallel_kl(student_logits, teacher_logits, kind="forward", group=group,
-                             temperature=temperature, top_k=top_k, vocab_size=vocab_size)
-
-
-@DIVERGENCES.register("jsd")
-def jsd(student_logits, teacher_logits, *, beta=0.5, group=None, temperature=1.0, top_k=None, vocab_size=None):
-    """beta KL(T||M) + (1 - beta) KL(S||M), M = beta T + (1 - beta) S, per token on vocab-sharded logits."""
-    return vocab_parallel_kl(student_logits, teacher_logits, kind="jsd", beta=beta, group=group,
-                             temperature=temperature, top_k=top_k, vocab_size=vocab_size)
-
-
 def divergence_loss(per_token_div: torch.Tensor, mask, *, weight: float, normalizer: float,
                     agg: str = "token-mean") -> torch.Tensor:
-    """weight * aggregate(D_t): a divergence (k1/k2/k3 values, or rkl/fkl/jsd from vocab_parallel_kl)
-    as a direct loss term next to (or instead of) the policy loss."""
+    """weight * aggregate(D_t): a per-token divergence (k1-k3, or rkl / fkl / jsd per token) as a direct loss
+    term next to the policy loss, on the policy loss's footing (``agg`` and the step's global normaliser)."""
     return weight * aggregate(per_token_div, mask, agg, normalizer)

@@ -157,7 +157,14 @@ def with_checkpoint_architectures(tree: Mapping) -> dict:
 
 
 def config_from_dict(tree: Mapping) -> RunConfig:
-    return _build(RunConfig, with_checkpoint_architectures(tree), "")
+    """The run's config, built, typed and checked: also the names of the algorithm's parts and the
+    estimator's keyword arguments, on every rank, before any compute."""
+    # Imported here: the algorithms import torch, which reading a config does not otherwise need.
+    from megatron_gndpo.algorithms import check_algorithm
+
+    cfg = _build(RunConfig, with_checkpoint_architectures(tree), "")
+    check_algorithm(cfg.algorithm)
+    return cfg
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> RunConfig:

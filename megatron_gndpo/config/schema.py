@@ -168,12 +168,18 @@ class TeacherConfig:
     weights in FP8 E4M3 with calibrated per-tensor scales (embedding and LM head keep their precision);
     the log-prob error against the unquantised teacher is logged as ``teacher_quant/*``. Needs
     nvidia-modelopt."""
+    temperature: Optional[float] = None
+    """The temperature the teacher scores at; None: the rollout temperature, as the student is scored.
+    The GNDPO reference scores its teacher at 1 whatever the rollout temperature (and its students at
+    the rollout temperature); the two coincide at its rollout temperature of 1."""
     calibration_prompts: int = 64
     """With ``quantize``: the first training prompts (file order; split over data-parallel ranks) that
     the teacher scores before and after quantisation: the first half calibrates the scales, the
     second half measures the log-prob error."""
 
     def __post_init__(self):
+        _check(self.temperature is None or self.temperature > 0,
+               f"teacher.temperature must be > 0, got {self.temperature}")
         _check(self.calibration_prompts >= 2 and self.calibration_prompts % 2 == 0,
                f"teacher.calibration_prompts must be an even number >= 2, got {self.calibration_prompts}")
 
@@ -238,13 +244,47 @@ class RolloutConfig:
 
 
 @dataclass
+class DivergenceConfig:
+    """A distillation loss term added to the policy loss: ``weight * aggregate(D_t)`` over the response
+    tokens, with the policy loss's ``loss_agg`` and global normaliser (``algorithms/losses.py``)."""
+
+    kind: Optional[Literal["rkl", "fkl", "jsd", "k1", "k2", "k3"]] = None
+    """None: no term. ``rkl`` KL(student || teacher), ``fkl`` KL(teacher || student), ``jsd`` the generalised
+    Jensen-Shannon divergence: over the vocabulary (see ``top_k``). ``k1``-``k3``: estimators of
+    KL(student || teacher) on the sampled token only."""
+    weight: float = 1.0
+    """Multiplies the term."""
+    top_k: Optional[int] = None
+    """How ``rkl`` / ``fkl`` / ``jsd`` (and vopd's per-token KL) compare the two distributions: over the
+    teacher's top-k ids plus one tail bucket, from the ids and log-probs the teacher phase keeps per
+    response token; None: over the full vocabulary, the teacher's logits shard recomputed inside the
+    student's micro-batch (needs one pipeline stage, and both models' vocabulary shards alike)."""
+    beta: float = 0.5
+    """``jsd``'s mixture weight: M = beta p_teacher + (1 - beta) p_student (0 is fkl, 1 is rkl)."""
+
+    def __post_init__(self):
+        _check(self.top_k is None or self.top_k >= 1, f"algorithm.divergence.top_k must be >= 1, got {self.top_k}")
+        _check(0.0 <= self.beta <= 1.0, f"algorithm.divergence.beta must be in [0, 1], got {self.beta}")
+        _check(not (self.kind in SAMPLED_TOKEN_DIVERGENCES and self.top_k is not None),
+               f"algorithm.divergence.kind={self.kind!r} is taken on the sampled token only; top_k "
+               f"({self.top_k}) applies to rkl, fkl and jsd")
+        _check(not (self.kind != "jsd" and self.beta != 0.5),
+               f"algorithm.divergence.beta ({self.beta}) applies to kind='jsd' only (kind is {self.kind!r})")
+
+
+SAMPLED_TOKEN_DIVERGENCES = ("k1", "k2", "k3")
+
+
+@dataclass
 class AlgorithmConfig:
-    """Which advantage estimator and policy loss a step uses (names from the registries)."""
+    """Which advantage estimator and policy loss a step uses (names from the registries), and what is
+    added to them."""
 
     estimator: str = "gndpo"
     """Advantage estimator: gndpo, opd, grpo, vopd, gopd, uniopd (``algorithms/advantages.py``)."""
-    estimator_kwargs: Dict[str, Any] = field(default_factory=lambda: {"score_clip": 5.0})
-    """Keyword arguments of the estimator (reference: score_clip 5)."""
+    estimator_kwargs: Dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the estimator, checked against its signature when the config loads; each
+    estimator's own defaults otherwise (gndpo / opd: score_clip 5, the reference's)."""
     policy_loss: str = "gspo"
     """Policy loss: ppo or gspo (reference: gspo)."""
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "seq-mean-token-mean"
@@ -253,6 +293,23 @@ class AlgorithmConfig:
     """Lower ratio clip."""
     clip_high: float = 0.2
     """Upper ratio clip."""
+    outcome_weight: float = 0.0
+    """KDRL's mix: A = A_distill + outcome_weight * A_grpo (the rewards z-scored within each prompt's
+    samples). 0: distillation only."""
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    """An optional distillation loss term next to the policy loss."""
+    reference_checkpoint: Optional[str] = None
+    """gopd's reference policy lp_ref (a checkpoint of the student's architecture): None is the student's
+    initial weights. Frozen like the teacher and scored in its own phase."""
+
+    def __post_init__(self):
+        _check(self.outcome_weight >= 0, f"algorithm.outcome_weight must be >= 0, got {self.outcome_weight}")
+        _check(not (self.estimator == "grpo" and self.outcome_weight),
+               "algorithm.outcome_weight mixes the GRPO outcome advantage into a distillation estimator; "
+               "algorithm.estimator='grpo' is that advantage already")
+        _check(not (self.reference_checkpoint and self.estimator != "gopd"),
+               f"algorithm.reference_checkpoint is gopd's reference policy; algorithm.estimator is "
+               f"{self.estimator!r}")
 
 
 @dataclass
@@ -386,8 +443,38 @@ class RunConfig:
                    f"data.max_prompt_length ({self.data.max_prompt_length}) + rollout.max_new_tokens "
                    f"({self.rollout.max_new_tokens}) = {longest} exceeds {role}.max_position_embeddings "
                    f"({model.max_position_embeddings})")
+        self._check_teacher_comparisons()
         # Teacher and student may differ in vocab_size and padding; that they share one tokenizer is
         # checked with the tokenizer files, at Trainer init (check_same_vocabulary, check_checkpoint_tokenizers).
+
+
+    def _check_teacher_comparisons(self) -> None:
+        """Full-vocabulary comparisons with the teacher (a divergence term or vopd's KL without top_k)
+        recompute the teacher's logits shard inside the student's micro-batch: the teacher's last
+        stage must be the student's, hold its weights on the device, and split the vocabulary alike."""
+        div, alg = self.algorithm.divergence, self.algorithm
+        uses = [f"algorithm.divergence.kind={div.kind!r}"] if div.kind and div.kind not in SAMPLED_TOKEN_DIVERGENCES \
+            else []
+        if alg.estimator == "vopd":
+            uses.append("algorithm.estimator='vopd' (its per-token KL)")
+        if not uses or div.top_k is not None:
+            return
+        what = " and ".join(uses)
+        _check(self.parallel.pipeline_model_parallel_size == 1,
+               f"{what} over the full vocabulary (algorithm.divergence.top_k=null) needs "
+               f"parallel.pipeline_model_parallel_size=1 (got {self.parallel.pipeline_model_parallel_size}): the "
+               "teacher's logits are recomputed inside the student's micro-batch, which a pipeline splits over "
+               "stages; set algorithm.divergence.top_k to use the teacher's top-k ids kept on the last stage")
+        _check(not self.teacher.offload,
+               f"{what} over the full vocabulary recomputes the teacher's logits in every training micro-batch, "
+               "so teacher.offload would copy its weights to the device for each; set algorithm.divergence.top_k "
+               "or teacher.offload=false")
+        tp = self.parallel.tensor_model_parallel_size
+        _check(self.model.padded_vocab_size(tp) == self.teacher.model.padded_vocab_size(tp),
+               f"{what} over the full vocabulary compares the two models' logits shard by shard, but the student's "
+               f"padded vocabulary ({self.model.padded_vocab_size(tp)}) and the teacher's "
+               f"({self.teacher.model.padded_vocab_size(tp)}) split differently at TP={tp}; set "
+               "algorithm.divergence.top_k (ids are global there)")
 
 
 def check_same_vocabulary(tokenizer_size: int, student: ModelConfig, teacher: ModelConfig) -> int:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -13,7 +13,7 @@ from megatron_gndpo.config.schema import ModelConfig, OptimConfig, ParallelConfi
 from megatron_gndpo.distributed.collectives import all_reduce
 from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.models.provider import build_gpt_model, params_dtype
-from megatron_gndpo.trainer.megatron_glue import LogitsReadout, LossFn, forward_outputs, run_schedule
+from megatron_gndpo.trainer.megatron_glue import CollectFn, LogitsReadout, LossFn, forward_outputs, run_schedule
 from megatron_gndpo.trainer.rank_logging import rank0_logger
 
 log0 = rank0_logger(__name__)
@@ -108,12 +108,17 @@ class Student:
         """The GPTModel stage inside DDP: what samples, what checkpoints hold."""
         return unwrap(self.model)
 
-    def score(self, microbatches: List[MicroBatch]) -> Optional[torch.Tensor]:
-        """Log-probs ``[B, T]`` of the micro-batches' labels under the current weights (the PPO / GSPO
-        "old" policy), read like the teacher's (last stage; None elsewhere)."""
-        out = forward_outputs(self.module, microbatches,
-                              lambda logits_shard, mb: {"logprobs": self.readout.logprobs(logits_shard, mb["labels"])})
-        return out.get("logprobs")
+    def score(self, microbatches: List[MicroBatch], *extra: CollectFn) -> Dict[str, torch.Tensor]:
+        """``old_logprobs`` ``[B, T]`` of the micro-batches' labels under the current weights (the PPO / GSPO
+        "old" policy), read like the teacher's, and what each ``extra`` reads off the same logits (vopd's
+        per-token KL to the teacher); on the last stage, {} elsewhere."""
+        def collect(logits_shard, mb):
+            kept = {"old_logprobs": self.readout.logprobs(logits_shard, mb["labels"])}
+            for fn in extra:
+                kept.update(fn(logits_shard, mb))
+            return kept
+
+        return forward_outputs(self.module, microbatches, collect)
 
     def update(self, minibatch: List[MicroBatch], loss_fn: LossFn) -> Dict[str, float]:
         """One optimizer step on ``minibatch``: forward / backward of its micro-batches through megatron's

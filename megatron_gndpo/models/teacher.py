@@ -5,7 +5,7 @@ memory between its scoring phases."""
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -14,7 +14,8 @@ from megatron_gndpo.config.schema import ParallelConfig, TeacherConfig
 from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.models.provider import build_gpt_model
 from megatron_gndpo.models.quantization import logprob_error, quantize_teacher
-from megatron_gndpo.trainer.megatron_glue import CollectFn, LogitsReadout, forward_outputs
+from megatron_gndpo.ops.vocab_parallel import vocab_parallel_topk_logprobs
+from megatron_gndpo.trainer.megatron_glue import LogitsReadout, forward_outputs, model_forward
 from megatron_gndpo.trainer.rank_logging import last_rank_logger, rank0_logger
 
 log0, log_last = rank0_logger(__name__), last_rank_logger(__name__)
@@ -71,43 +72,54 @@ class OffloadedWeights:
 
 
 class Teacher:
-    """The teacher's pipeline stage, loaded from ``teacher.checkpoint``; scores token sequences.
+    """A frozen model's pipeline stage, loaded from ``cfg.checkpoint``, that scores token sequences: the
+    teacher (``role="teacher"``), or gopd's reference policy (``role="ref"``).
 
-    With ``teacher.quantize`` it is quantised at construction (ModelOpt, calibrated on ``calibration``)
-    and ``quant_metrics`` holds its log-prob error on ``held_out`` (last stage; {} elsewhere). With
-    ``teacher.offload`` on GPUs its weights live in pinned host memory outside :meth:`score`."""
+    :meth:`score` returns ``<role>_logprobs`` of the micro-batches' labels and, with ``top_k``, the
+    ``top_k`` largest logits' ids and their log-probs plus the tail bucket's (``<role>_top_ids``,
+    ``<role>_top_logprobs``), from the same forward pass: what the student's phases compare their
+    distribution against, never the full-vocabulary logits. With ``teacher.quantize`` it is quantised
+    at construction (ModelOpt, calibrated on ``calibration``) and ``quant_metrics`` holds its log-prob
+    error on ``held_out`` (last stage; {} elsewhere). With ``teacher.offload`` on GPUs its weights live
+    in pinned host memory outside :meth:`score`."""
 
     def __init__(self, cfg: TeacherConfig, parallel: ParallelConfig, groups: ProcessGroups, readout: LogitsReadout,
-                 *, calibration: Optional[Tuple[List[MicroBatch], List[MicroBatch]]] = None):
-        self.groups, self.readout = groups, readout
+                 *, calibration: Optional[Tuple[List[MicroBatch], List[MicroBatch]]] = None, role: str = "teacher",
+                 top_k: Optional[int] = None):
+        self.groups, self.readout, self.role, self.top_k = groups, readout, role, top_k
         offload = cfg.offload and groups.device.type == "cuda"
         self.model = build_teacher(cfg, parallel, pre_process=groups.is_first_stage,
                                    post_process=groups.is_last_stage, cpu_initialization=True if offload else None)
         if cfg.checkpoint:
-            load_model_weights(self.model, cfg.checkpoint, cfg.model, "teacher")
-        else:
+            load_model_weights(self.model, cfg.checkpoint, cfg.model, role)
+        elif role == "teacher":
             log0.info("teacher.checkpoint is not set: the teacher has random weights (tests only)")
         self.offloaded: Optional[OffloadedWeights] = None  # quantisation scores with the weights on the device
         self.quant_metrics: Dict[str, float] = self._quantize(cfg.quantize, *calibration) if cfg.quantize else {}
         if offload:
             self.offloaded = OffloadedWeights(self.model, groups.device)
 
-    def score(self, microbatches: List[MicroBatch]) -> Optional[torch.Tensor]:
-        """Log-probs ``[B, T]`` of the micro-batches' labels, at the readout's temperature (last stage;
-        None elsewhere)."""
-        return self.score_outputs(microbatches).get("logprobs")
-
-    def score_outputs(self, microbatches: List[MicroBatch], *extra: CollectFn) -> Dict[str, torch.Tensor]:
-        """``{"logprobs": ...}`` and, from the same forward pass, the tensors each ``extra`` function reads
-        off the logits shard (a divergence term's teacher top-k, say); {} off the last stage."""
+    def score(self, microbatches: List[MicroBatch]) -> Dict[str, torch.Tensor]:
+        """``<role>_logprobs`` ``[B, T]`` at the readout's temperature (and the top-k cache ``[B, T, k]``,
+        ``[B, T, k + 1]``) on the last stage; {} elsewhere."""
         with self.offloaded.on_device() if self.offloaded else contextlib.nullcontext():
-            return self._outputs(self.model, microbatches, extra)
+            return self._outputs(self.model, microbatches)
 
-    def _outputs(self, model, microbatches: List[MicroBatch], extra: Sequence[CollectFn]) -> Dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def logits(self, mb: MicroBatch) -> torch.Tensor:
+        """The logits shard ``[b, T, V/tp]`` of one micro-batch (one pipeline stage only): full-vocabulary
+        comparisons recompute it inside the student's micro-batch rather than keep it for the step."""
+        return model_forward(self.model, mb)
+
+    def _outputs(self, model, microbatches: List[MicroBatch]) -> Dict[str, torch.Tensor]:
+        r = self.readout
+
         def collect(logits_shard, mb):
-            kept = {"logprobs": self.readout.logprobs(logits_shard, mb["labels"])}
-            for fn in extra:
-                kept.update(fn(logits_shard, mb))
+            kept = {f"{self.role}_logprobs": r.logprobs(logits_shard, mb["labels"])}
+            if self.top_k:
+                ids, top_lp = vocab_parallel_topk_logprobs(logits_shard, self.top_k, group=r.group,
+                                                           temperature=r.temperature, vocab_size=r.vocab_size)
+                kept.update({f"{self.role}_top_ids": ids, f"{self.role}_top_logprobs": top_lp})
             return kept
 
         return forward_outputs(model, microbatches, collect)
@@ -116,9 +128,10 @@ class Teacher:
         """Scales calibrated on ``calibration``, then the log-prob error against the unquantised teacher
         on ``held_out`` (last stage: the metrics; {} elsewhere)."""
         self.model.to(self.groups.device)  # calibration runs on the GPU; offloading takes it back afterwards
-        reference = self.score(held_out)
-        self.model = quantize_teacher(self.model, method, lambda model: self._outputs(model, calibration, ()))
-        quantized = self.score(held_out)
+        key = f"{self.role}_logprobs"
+        reference = self.score(held_out).get(key)
+        self.model = quantize_teacher(self.model, method, lambda model: self._outputs(model, calibration))
+        quantized = self.score(held_out).get(key)
         if not self.groups.is_last_stage:
             return {}
         mask = torch.cat([mb["mask"] for mb in held_out])

@@ -417,22 +417,69 @@ class _VocabParallelKL(torch.autograd.Function):
         return grad.reshape(s_logits.shape), None, None, None, None, None, None, None
 
 
-def _topk_tail_kl(student_logits, teacher_logits, kind, beta, group, temperature, vocab_size, top_k, chunk):
-    """Divergence on the teacher's global top-k ids plus one tail bucket holding the remaining mass
-    of each distribution: K + 1 categories per token, computed redundantly on every TP rank from
-    [N, K + 1] log-probs (autograd reaches the student shard through the gather Function). The tail
-    mass is summed over the other ids directly and floored at ``_TAIL_FLOOR``, so a teacher whose
-    top-k holds all its mass gives a large finite reverse KL rather than an infinite one."""
-    with torch.no_grad():
-        _, ids = vocab_parallel_topk(teacher_logits, top_k, group=group, vocab_size=vocab_size)
-        lt = _gather_logprobs(teacher_logits, ids, group, temperature, vocab_size, chunk, tail=True)
-    ls = _gather_logprobs(student_logits, ids, group, temperature, vocab_size, chunk, tail=True)
+@torch.no_grad()
+def vocab_parallel_topk_logprobs(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    group: Optional[ProcessGroup] = None,
+    temperature: float = 1.0,
+    vocab_size: Optional[int] = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest logits' ids of each position (global over the shards) and their log-probs under
+    ``softmax(logits / temperature)``, plus one tail bucket: ``log(1 - sum_k p_k)``, the mass of every
+    other id, summed over those ids directly (no cancellation when the tail is tiny).
+
+    ``[..., V_local]`` -> (ids ``[..., k]`` int64, log-probs ``[..., k + 1]`` float32), the same on
+    every rank of ``group``: what a teacher keeps per token instead of its logits."""
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    _, ids = vocab_parallel_topk(logits, k, group=group, vocab_size=vocab_size)
+    return ids, _gather_logprobs(logits, ids, group, float(temperature), vocab_size, chunk_size, tail=True)
+
+
+def topk_tail_divergence(
+    student_logits: torch.Tensor,
+    ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    kind: str = "reverse",
+    beta: float = 0.5,
+    group: Optional[ProcessGroup] = None,
+    temperature: float = 1.0,
+    vocab_size: Optional[int] = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Divergence (``kind`` as in :func:`vocab_parallel_kl`) between student and teacher over K + 1
+    categories per position: the teacher's top-k ``ids`` ``[..., K]`` and one tail bucket holding the
+    rest of each distribution's mass, the teacher's side given as its log-probs ``[..., K + 1]``
+    (:func:`vocab_parallel_topk_logprobs`).
+
+    The student's log-probs of the same ids and of its own tail come from its logits shard
+    ``[..., V_local]`` (1 MAX + 1 SUM all-reduce of ``[N, K + 2]``). Both tails are floored at
+    ``_TAIL_FLOOR``, so a teacher whose top-k holds all its mass gives a large finite reverse KL rather
+    than an infinite one. ``[...]`` float32, differentiable w.r.t. the student logits only (autograd
+    reaches the shard through the gather Function; the K + 1 terms are computed alike on every rank)."""
+    kind = _check_kind(kind, beta)
+    ls = _gather_logprobs(student_logits, ids.long(), group, float(temperature), vocab_size, chunk_size, tail=True)
 
     def floored(lp):
         return torch.cat([lp[..., :-1], lp[..., -1:].clamp_min(math.log(_TAIL_FLOOR))], -1)
 
-    summand, _ = _kl_terms(floored(ls), floored(lt), kind, beta)
+    summand, _ = _kl_terms(floored(ls), floored(teacher_logprobs.detach().float()), kind, beta)
     return summand.sum(-1)
+
+
+def _check_kind(kind: str, beta: float) -> str:
+    """``kind`` checked; a JSD at beta 0 or 1 is the forward or the reverse KL itself."""
+    if kind not in ("reverse", "forward", "jsd"):
+        raise ValueError(f"kind must be 'reverse', 'forward' or 'jsd', got {kind!r}")
+    if kind != "jsd":
+        return kind
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+    return {0.0: "forward", 1.0: "reverse"}.get(beta, "jsd")
 
 
 def vocab_parallel_kl(
@@ -455,24 +502,16 @@ def vocab_parallel_kl(
     plus one tail bucket. ``[..., V_local]`` x2 -> ``[...]`` float32, differentiable w.r.t. the
     student logits only.
     """
-    if kind not in ("reverse", "forward", "jsd"):
-        raise ValueError(f"kind must be 'reverse', 'forward' or 'jsd', got {kind!r}")
+    kind = _check_kind(kind, beta)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape (same vocabulary shard)")
-    if kind == "jsd":
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
-        if beta == 0.0:
-            kind = "forward"
-        elif beta == 1.0:
-            kind = "reverse"
     teacher_logits = teacher_logits.detach()
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        return _topk_tail_kl(student_logits, teacher_logits, kind, beta, group, float(temperature), vocab_size,
-                             top_k, chunk_size)
+        ids, teacher_lp = vocab_parallel_topk_logprobs(teacher_logits, top_k, group=group, temperature=temperature,
+                                                       vocab_size=vocab_size, chunk_size=chunk_size)
+        return topk_tail_divergence(student_logits, ids, teacher_lp, kind=kind, beta=beta, group=group,
+                                    temperature=temperature, vocab_size=vocab_size, chunk_size=chunk_size)
     return _VocabParallelKL.apply(student_logits, teacher_logits, kind, float(beta), group,
                                   float(temperature), vocab_size, chunk_size)
 

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from megatron_gndpo.algorithms.advantages import get_advantage_estimator
 from megatron_gndpo.algorithms.losses import POLICY_LOSSES
 from megatron_gndpo.checkpoint.dist_ckpt import CheckpointManager, check_architecture
-from megatron_gndpo.config.schema import DataConfig, RunConfig, check_same_vocabulary
+from megatron_gndpo.algorithms.losses import DISTRIBUTION_DIVERGENCES
+from megatron_gndpo.config.schema import AlgorithmConfig, DataConfig, RunConfig, TeacherConfig, check_same_vocabulary
 from megatron_gndpo.data.prompts import PromptDataset
 from megatron_gndpo.data.tokenizer import check_checkpoint_tokenizers, load_tokenizer
 from megatron_gndpo.distributed.init import ProcessGroups
@@ -82,13 +83,36 @@ def prepare_run(cfg: RunConfig, groups: ProcessGroups, *, resume: bool) -> RunSe
                     multiple, calibration, metrics)
 
 
-def build_models(cfg: RunConfig, groups: ProcessGroups, run: RunSetup) -> Tuple[Student, Teacher]:
-    """Collective: the student (with its optimizer and schedule) and the teacher, loaded, both reading
-    their logits alike (over TP, at the rollout temperature, over the shared vocabulary)."""
+def build_models(cfg: RunConfig, groups: ProcessGroups, run: RunSetup) -> Tuple[Student, Teacher, Optional[Teacher]]:
+    """Collective: the student (with its optimizer and schedule), the teacher and, for gopd, the frozen
+    reference policy, loaded. All read their logits over TP and the shared vocabulary; the student and
+    the reference at the rollout temperature, the teacher at ``teacher.temperature`` (default the same)."""
     readout = LogitsReadout(groups.tp, cfg.rollout.temperature, run.vocab_size)
     student = Student(cfg, groups, readout, total_optimizer_steps=cfg.trainer.steps * cfg.trainer.mini_batches)
-    teacher = Teacher(cfg.teacher, cfg.parallel, groups, readout, calibration=run.calibration)
-    return student, teacher
+    teacher = Teacher(cfg.teacher, cfg.parallel, groups,
+                      dataclasses.replace(readout, temperature=cfg.teacher.temperature or cfg.rollout.temperature),
+                      calibration=run.calibration, top_k=_teacher_top_k(cfg.algorithm))
+    reference = _reference(cfg, groups, readout, student) if cfg.algorithm.estimator == "gopd" else None
+    return student, teacher, reference
+
+
+def _teacher_top_k(algorithm: AlgorithmConfig) -> Optional[int]:
+    """How many top ids the teacher keeps per token: ``divergence.top_k`` when a divergence term over the
+    distributions or vopd's KL reads them; None (none kept) otherwise."""
+    div = algorithm.divergence
+    reads = div.kind in DISTRIBUTION_DIVERGENCES or algorithm.estimator == "vopd"
+    return div.top_k if reads else None
+
+
+def _reference(cfg: RunConfig, groups: ProcessGroups, readout: LogitsReadout, student: Student) -> Teacher:
+    """gopd's reference policy: ``algorithm.reference_checkpoint``, else the student's initial weights
+    (its checkpoint, or a copy of its random initialisation), frozen and inference only like the teacher."""
+    spec = TeacherConfig(model=cfg.model, precision=cfg.precision, offload=cfg.teacher.offload,
+                         checkpoint=cfg.algorithm.reference_checkpoint or cfg.student_checkpoint)
+    reference = Teacher(spec, cfg.parallel, groups, readout, role="ref")
+    if not spec.checkpoint:
+        reference.model.load_state_dict(student.module.state_dict())
+    return reference
 
 
 def is_logging_rank() -> bool:
@@ -117,7 +141,8 @@ def _check_initial_checkpoints(cfg: RunConfig) -> None:
     """Each configured checkpoint exists and holds the configured architecture (loading would find out
     later, after the models are built, on every rank at once)."""
     for path, model, role in ((cfg.student_checkpoint, cfg.model, "student"),
-                              (cfg.teacher.checkpoint, cfg.teacher.model, "teacher")):
+                              (cfg.teacher.checkpoint, cfg.teacher.model, "teacher"),
+                              (cfg.algorithm.reference_checkpoint, cfg.model, "reference")):
         if path:
             check_architecture(path, model, role)
 
@@ -126,7 +151,8 @@ def _tokenizer(cfg: RunConfig):
     """data.tokenizer, the same as the checkpoints' own, and the vocabulary both models share."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_checkpoint_tokenizers(tokenizer, cfg.data.tokenizer, {
-        "student_checkpoint": cfg.student_checkpoint, "teacher.checkpoint": cfg.teacher.checkpoint})
+        "student_checkpoint": cfg.student_checkpoint, "teacher.checkpoint": cfg.teacher.checkpoint,
+        "algorithm.reference_checkpoint": cfg.algorithm.reference_checkpoint})
     return tokenizer, check_same_vocabulary(len(tokenizer), cfg.model, cfg.teacher.model)
 
 

@@ -1,7 +1,8 @@
 """One training step, top to bottom (:func:`train_step`), one timer per phase:
 
     prompts -> rollout (student, current weights) -> the teacher scores the sampled tokens
-    -> the student's old log-probs -> rewards -> advantages (statistics global over DP)
+    (-> gopd's reference policy scores them) -> the student's old log-probs -> rewards
+    -> advantages (statistics global over DP)
     -> mini-batches of micro-batches through megatron's pipeline schedule -> clip, optimizer, LR
     -> metrics
 
@@ -15,11 +16,14 @@ the estimator ``score/*`` and ``estimator/*``, the update ``actor/*``, the rollo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List
+from typing import TYPE_CHECKING, Dict, List, Tuple
 
-from megatron_gndpo.algorithms.advantages import call_estimator
+import torch
+
+from megatron_gndpo.algorithms.advantages import call_estimator, with_outcome_advantage
+from megatron_gndpo.config.schema import AlgorithmConfig
 from megatron_gndpo.rollout.generator import generate
-from megatron_gndpo.trainer.batches import attach, mini_batches, split_rows, training_batch
+from megatron_gndpo.trainer.batches import StepPrompts, attach, mini_batches, split_rows, training_batch
 from megatron_gndpo.trainer.dumps import ROLLOUTS, dump_path, dump_rollout
 from megatron_gndpo.trainer.metrics import PhaseTimer, advantage_metrics, logprob_diff_metrics, rollout_metrics
 from megatron_gndpo.trainer.rewards import reward_responses
@@ -42,22 +46,21 @@ def train_step(t: Trainer, step: int) -> Dict[str, float]:
             batch = training_batch(rollout, step=step, multiple=run.sequence_multiple,
                                    pad_token_id=run.sampling.pad_token_id, group=g.dp_cp)
             microbatches = split_rows(batch, cfg.trainer.micro_batch_size)
-        with timer("teacher"):  # the student's exact tokens, at the rollout temperature
-            teacher_lp = t.teacher.score(microbatches)
-        with timer("old_logprobs"):  # the student's own, the PPO / GSPO "old" policy
-            old_lp = t.student.score(microbatches)
+        with timer("teacher"):  # the student's exact tokens, at teacher.temperature (+ its top-k, when asked)
+            scores = t.teacher.score(microbatches)
+        if t.reference is not None:
+            with timer("reference"):  # gopd's reference policy
+                scores.update(t.reference.score(microbatches))
+        attach(microbatches, **scores)  # the student's phases compare against them
+        with timer("old_logprobs"):  # the student's own, the PPO / GSPO "old" policy (+ vopd's KL)
+            scores.update(t.student.score(microbatches, *t.scoring_extras))
         with timer("rewards"):
             rewards = reward_responses(run.tokenizer, run.reward_fn, rollout.responses(), prompts.truths, g.device)
         with timer("advantages"):
             metrics: Dict[str, float] = {}
             if g.is_last_stage:
-                advantages, metrics = call_estimator(
-                    cfg.algorithm.estimator,
-                    {"teacher_logprobs": teacher_lp, "old_logprobs": old_lp, "response_mask": batch["mask"],
-                     "rewards": rewards["reward"], "correct": rewards["acc"] > 0.5,
-                     "prompt_index": prompts.prompt_index},
-                    group=g.dp_cp, **cfg.algorithm.estimator_kwargs)
-                attach(microbatches, teacher_logprobs=teacher_lp, old_logprobs=old_lp, advantages=advantages)
+                advantages, metrics = _advantages(cfg.algorithm, scores, batch["mask"], rewards, prompts, g.dp_cp)
+                attach(microbatches, old_logprobs=scores["old_logprobs"], advantages=advantages)
         with timer("train"):  # one optimizer step per mini-batch
             updates = [t.student.update(minibatch, t.loss.for_minibatch(minibatch))
                        for minibatch in mini_batches(microbatches, cfg.trainer.mini_batches)]
@@ -68,14 +71,28 @@ def train_step(t: Trainer, step: int) -> Dict[str, float]:
             if g.is_last_stage:
                 n = rollout.tokens.shape[1] - 1  # the batch before its FP8 padding
                 metrics.update(advantage_metrics(advantages, batch["mask"], g.dp_cp))
-                metrics.update(logprob_diff_metrics(rollout.logprobs[:, 1:], old_lp[:, :n], batch["mask"][:, :n],
-                                                    g.dp_cp))
+                metrics.update(logprob_diff_metrics(rollout.logprobs[:, 1:], scores["old_logprobs"][:, :n],
+                                                    batch["mask"][:, :n], g.dp_cp))
                 if cfg.trainer.dump_rollouts and g.tp_rank == 0:
                     dump_rollout(dump_path(cfg.trainer.output_dir, ROLLOUTS, step), run.tokenizer, prompts, rollout,
-                                 rewards, teacher_lp, old_lp, batch["mask"], g.dp_cp)
+                                 rewards, scores["teacher_logprobs"], scores["old_logprobs"], batch["mask"], g.dp_cp)
     metrics.update(timer.metrics())
     metrics["perf/tokens_per_s"] = metrics["perf/tokens"] / timer.seconds["step"]
     return metrics
+
+
+def _advantages(algorithm: AlgorithmConfig, scores: Dict[str, torch.Tensor], mask: torch.Tensor,
+                rewards: Dict[str, torch.Tensor], prompts: StepPrompts, group) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """``algorithm.estimator`` on what the step scored, plus KDRL's outcome mix
+    (A = A_distill + w * A_grpo) with ``algorithm.outcome_weight``."""
+    inputs = {**scores, "response_mask": mask, "rewards": rewards["reward"], "correct": rewards["acc"] > 0.5,
+              "prompt_index": prompts.prompt_index}
+    advantages, metrics = call_estimator(algorithm.estimator, inputs, group=group, **algorithm.estimator_kwargs)
+    if algorithm.outcome_weight:
+        outcome, outcome_metrics = call_estimator("grpo", inputs, group=group)
+        advantages = with_outcome_advantage(advantages, outcome, algorithm.outcome_weight)
+        metrics.update(outcome_metrics)
+    return advantages, metrics
 
 
 def _mean(per_minibatch: List[Dict[str, float]]) -> Dict[str, float]:

@@ -2,7 +2,8 @@
 
 - ``setup.py``: the checks before compute, tokenizer, prompts, metrics, and the two models;
 - ``models/student.py`` (:class:`Student`: scores its samples, updates itself) and
-  ``models/teacher.py`` (:class:`Teacher`: scores the samples; quantisation and offload);
+  ``models/teacher.py`` (:class:`Teacher`: scores the samples; quantisation and offload; also gopd's
+  reference policy); ``distill.py``: how the student's phases compare with the teacher's distribution;
 - ``step.py``: one step, read top to bottom; ``loss.py``: the update's loss;
 - ``loop.py``: resume, validation, logging and checkpoints around the steps.
 
@@ -20,6 +21,7 @@ from megatron_gndpo.data.prompts import PromptOrder
 from megatron_gndpo.distributed.init import destroy_parallel, init_parallel
 from megatron_gndpo.trainer import loop
 from megatron_gndpo.trainer.batches import EmptyStepError, PromptSchedule
+from megatron_gndpo.trainer.distill import TeacherComparison
 from megatron_gndpo.trainer.dumps import VALIDATION, dump_path
 from megatron_gndpo.trainer.evaluation import greedy_eval
 from megatron_gndpo.trainer.loop import CheckpointSaveError
@@ -35,8 +37,11 @@ class Trainer:
         self.cfg = cfg
         self.groups = g = init_parallel(cfg.parallel, seed=cfg.seed)
         self.run = prepare_run(cfg, g, resume=resume)
-        self.student, self.teacher = build_models(cfg, g, self.run)
-        self.loss = UpdateLoss(cfg.algorithm, self.run.policy_loss, self.student.readout, g.dp_cp)
+        self.student, self.teacher, self.reference = build_models(cfg, g, self.run)
+        comparison = TeacherComparison(self.teacher, self.student.readout, cfg.algorithm.divergence.top_k)
+        # what the student's scoring phase reads off its logits besides its log-probs
+        self.scoring_extras = (comparison.token_kl,) if cfg.algorithm.estimator == "vopd" else ()
+        self.loss = UpdateLoss(cfg.algorithm, self.run.policy_loss, self.student.readout, g.dp_cp, comparison)
         self.order = PromptOrder(len(self.run.train_data), seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.prompts = PromptSchedule(self.run.train_data, self.order, prompts_per_step=cfg.trainer.prompts_per_step,
                                       n_samples=cfg.rollout.n_samples, mini_batches=cfg.trainer.mini_batches,

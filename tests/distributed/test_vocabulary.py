@@ -94,9 +94,9 @@ def _run(groups, tmp, tp, student_vocab, teacher_vocab):
     batch = batches.sequences_from_prompts(ids.tolist(), 0, g.device)
     microbatches = batches.split_rows(batch, 2)
     out = {"shared": shared}
-    for name, scorer, model in (("teacher", trainer.teacher, trainer.teacher.model),
-                                ("student", trainer.student, trainer.student.module)):
-        got = scorer.score(microbatches)
+    for name, scorer, model, key in (("teacher", trainer.teacher, trainer.teacher.model, "teacher_logprobs"),
+                                     ("student", trainer.student, trainer.student.module, "old_logprobs")):
+        got = scorer.score(microbatches)[key]
         ref, width = _full_logprobs(model, microbatches, g, shared)
         out[name] = {"error": (got.double() - ref).abs().max().item(), "shard_width": width}
 

@@ -164,7 +164,7 @@ def test_sampled_divergences():
 
 def test_outcome_combination_and_divergence_loss_term():
     d, o = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 0.5]])
-    torch.testing.assert_close(adv.with_outcome_advantage(d, o, 0.1), o + 0.1 * d)
+    torch.testing.assert_close(adv.with_outcome_advantage(d, o, 0.1), d + 0.1 * o)
     mask = torch.tensor([[True, False]])
     torch.testing.assert_close(losses.divergence_loss(torch.tensor([[3.0, 9.0]]), mask, weight=0.5, normalizer=1.0),
                                torch.tensor(1.5))
