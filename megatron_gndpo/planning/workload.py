@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from megatron_gndpo.config.schema import RunConfig
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -65,3 +67,16 @@ class Workload:
     @property
     def sequence(self) -> int:
         return self.max_prompt + self.max_response
+
+
+def workload_from_config(cfg: RunConfig) -> Workload:
+    """The step a run config describes ('auto' precision is planned as bf16: the GPU case)."""
+    return Workload(
+        prompts_per_step=cfg.trainer.prompts_per_step, samples=cfg.rollout.n_samples,
+        max_prompt=cfg.data.max_prompt_length, max_response=cfg.rollout.max_new_tokens,
+        micro_batch_size=cfg.trainer.micro_batch_size, mini_batches=cfg.trainer.mini_batches,
+        param_bytes=4 if cfg.precision.params_dtype == "float32" else 2,
+        distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        transformer_impl="local" if cfg.precision.transformer_impl == "local" else "transformer_engine",
+        teacher="offload" if cfg.teacher.offload else ("fp8" if cfg.teacher.quantize else "bf16"))
