@@ -98,6 +98,5 @@ def test_memory_estimate_within_15_percent_of_a_cpu_run(world, tp, pp):
     measured = run_distributed(_measure, world, tp=tp, pp=pp, args=(ARCH,))
     # the estimate is for the largest rank
     largest = {key: max(m[key] for m in measured) for key in ("states", "pass_peak")}
-    print(largest, states, step)
     assert abs(largest["states"] / states - 1) < 0.15, f"{largest} vs states {states}"
     assert abs(largest["pass_peak"] / step - 1) < 0.15, f"{largest} vs one pass {step}"
