@@ -3,6 +3,7 @@
     megatron-gndpo train --config CONFIG.yaml [--resume] [--print-config] [key=value ...]
     megatron-gndpo eval --config CONFIG.yaml --checkpoint CKPT [--out FILE.json] [--limit N] [key=value ...]
     megatron-gndpo convert {hf-to-megatron,megatron-to-hf,reshard,verify} ...
+    megatron-gndpo plan --student S --teacher T --gpus N --gpu h100|h200|a100 [--tp --pp --cp] [--json] ...
 
 ``eval`` runs under torchrun too (``torchrun ... -m megatron_gndpo.cli eval ...``) for a TP x PP layout.
 """
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
 
     train.quiet_megatron()  # before anything imports megatron-core
     from megatron_gndpo.checkpoint import convert
+    from megatron_gndpo.planning import command as plan
 
     parser = argparse.ArgumentParser(prog="megatron-gndpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,6 +80,7 @@ def main(argv=None) -> int:
     train.add_arguments(sub.add_parser("train", help="on-policy distillation (GNDPO / OPD)"))
     add_eval_arguments(sub.add_parser("eval", help="greedy validation of a checkpoint on data.val_files"))
     convert.add_arguments(sub.add_parser("convert", help="Hugging Face <-> megatron checkpoints"))
+    plan.add_arguments(sub.add_parser("plan", help="memory and time per layout of a run, before it starts"))
     # Overrides may come on both sides of a flag (`key=value --resume key=value`); argparse leaves the later
     # ones over, and its intermixed parsing does not support subcommands.
     args, extra = parser.parse_known_args(argv)
@@ -87,6 +90,8 @@ def main(argv=None) -> int:
         args.overrides += extra
     if args.tool == "train":
         return train.run(args)
+    if args.tool == "plan":
+        return plan.run(args)
     return run_eval(args) if args.tool == "eval" else convert.run(args)
 
 
