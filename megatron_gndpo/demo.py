@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "examples" / "configs" / "demo.yaml"
-SFT = {"teacher": {"steps": 1500, "lr": 2e-3}, "student": {"steps": 450, "lr": 2e-3}}
+SFT = {"teacher": {"steps": 1000, "lr": 3e-3}, "student": {"steps": 400, "lr": 2e-3}}
 ESTIMATORS = ("gndpo", "opd")
 # Threads of the one-process warm-ups: fixed rather than "all cores" so that the weights, and so every
 # number after them, do not depend on how many cores the machine has.
