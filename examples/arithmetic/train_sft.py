@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -43,6 +44,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch CPU threads (fixed, so that the weights do not depend on the core count)")
     parser.add_argument("--out", required=True)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -53,17 +56,22 @@ def main(argv=None):
     from megatron_gndpo.data.prompts import PromptDataset
     from megatron_gndpo.data.tokenizer import eos_ids, load_tokenizer
     from megatron_gndpo.distributed.init import destroy_parallel, init_parallel, is_rank0
-    from megatron_gndpo.models.student import build_optimizer, build_student, unwrap
+    from megatron_gndpo.models.student import build_optimizer, build_scheduler, build_student, unwrap
     from megatron_gndpo.ops.vocab_parallel import vocab_parallel_logprobs
     from megatron_gndpo.rewards import get_reward
     from megatron_gndpo.rollout.generator import SamplingParams
     from megatron_gndpo.trainer.evaluation import greedy_eval
     from megatron_gndpo.trainer.megatron_glue import run_schedule
 
+    torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
     arch = cfg.teacher.model if args.role == "teacher" else cfg.model
-    recipe = {"role": args.role, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-              "model": dataclasses.asdict(arch), "seed": cfg.seed}
+    # everything the weights depend on, this script and the data included, so that a stale cache is retrained
+    inputs = hashlib.sha256(Path(__file__).read_bytes())
+    for path in (*cfg.data.train_files, *cfg.data.val_files):
+        inputs.update(Path(path).read_bytes())
+    recipe = {"role": args.role, "steps": args.steps, "batch": args.batch, "lr": args.lr, "threads": args.threads,
+              "model": dataclasses.asdict(arch), "seed": cfg.seed, "inputs": inputs.hexdigest()}
     meta = Path(args.out) / META_FILE
     if meta.is_file() and json.loads(meta.read_text()).get("recipe") == recipe:
         # the trainer checks a checkpoint's tokenizer; caches written before that lack it
@@ -77,8 +85,12 @@ def main(argv=None):
     val = PromptDataset(cfg.data.val_files, tokenizer, max_prompt_length=cfg.data.max_prompt_length)
     model = build_student(arch, cfg.parallel, cfg.precision, pre_process=groups.is_first_stage,
                           post_process=groups.is_last_stage)
-    optimizer = build_optimizer(OptimConfig(lr=args.lr, weight_decay=0.0, clip_grad=1.0), cfg.precision,
-                                cfg.parallel, model)
+    # cosine decay to zero: the last steps settle the weights, which reaches a given accuracy in far fewer
+    # steps than a constant rate
+    optim = OptimConfig(lr=args.lr, weight_decay=0.0, clip_grad=1.0, lr_decay_style="cosine",
+                        lr_warmup_steps=min(50, args.steps // 10))
+    optimizer = build_optimizer(optim, cfg.precision, cfg.parallel, model)
+    scheduler = build_scheduler(optim, optimizer, args.steps)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     rng = random.Random(cfg.seed)
     per_rank = args.batch // groups.dp_size
@@ -96,6 +108,7 @@ def main(argv=None):
         optimizer.zero_grad()
         out = run_schedule(model, [batch], loss_fn=loss_fn, forward_only=False)
         optimizer.step()
+        scheduler.step(1)
         if out and step % 100 == 0 and is_rank0(groups.dp):
             print(f"{args.role} sft step {step}: loss {out[0]['loss'].item():.4f}", flush=True)
 
