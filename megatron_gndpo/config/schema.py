@@ -333,8 +333,12 @@ class DataConfig:
     """Reward function from ``rewards.REWARDS``: exact_match, geo3k."""
     shuffle: bool = True
     """Reshuffle the prompts every epoch (seeded)."""
-    images: Literal["error", "ignore"] = "error"
-    """Rows with images: the student is text-only, so refuse them, or drop the images."""
+    images: Literal["error", "ignore", "process"] = "error"
+    """Rows with images (the ``images`` column): 'error' refuses them (a text-only student); 'ignore'
+    drops the images and keeps the text; 'process' decodes them when the files are opened (a missing
+    or undecodable image is an error naming file, row and column) and expands each ``<image>`` of the
+    prompt to the image's tokens with the student checkpoint's processor, which a vision-language
+    student needs (docs/multimodal.md)."""
 
     def __post_init__(self):
         if isinstance(self.train_files, str):
@@ -344,6 +348,8 @@ class DataConfig:
         _check(self.max_prompt_length >= 1, f"data.max_prompt_length must be >= 1, got {self.max_prompt_length}")
         _check(self.overlong_prompts in ("error", "drop"),
                f"data.overlong_prompts must be 'error' or 'drop', got {self.overlong_prompts!r}")
+        _check(self.images in ("error", "ignore", "process"),
+               f"data.images must be 'error', 'ignore' or 'process', got {self.images!r}")
 
 
 @dataclass
@@ -443,6 +449,11 @@ class RunConfig:
                    f"data.max_prompt_length ({self.data.max_prompt_length}) + rollout.max_new_tokens "
                    f"({self.rollout.max_new_tokens}) = {longest} exceeds {role}.max_position_embeddings "
                    f"({model.max_position_embeddings})")
+        # no ModelConfig has a vision tower yet: the models and the trainer take images in later parts of
+        # docs/multimodal.md, so a run with images is refused here rather than at its first step
+        _check(self.data.images != "process",
+               "data.images=process needs a vision-language student and teacher; the trainer runs text-only "
+               "models for now (docs/multimodal.md)")
         self._check_teacher_comparisons()
         # Teacher and student may differ in vocab_size and padding; that they share one tokenizer is
         # checked with the tokenizer files, at Trainer init (check_same_vocabulary, check_checkpoint_tokenizers).

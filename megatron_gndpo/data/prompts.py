@@ -5,6 +5,10 @@ Row schema: ``prompt`` (list of ``{"role", "content"}`` chat messages), ``reward
 ``extra_info``. Every row is checked, and every prompt tokenized and measured, when the files are
 opened, so a malformed or overlong row stops the run before any compute, with its file, row number
 and column (or length) in the message.
+
+``images`` (data.images): 'error' refuses rows with images (a text-only student), 'ignore' drops them,
+'process' decodes them (data/images.py) and expands each ``<image>`` of the prompt to the image's
+tokens with the checkpoint's processor (data/vision.py), so the prompt length counts them.
 """
 
 from __future__ import annotations
@@ -13,7 +17,11 @@ import dataclasses
 import random
 from typing import Dict, List, Optional, Sequence
 
+from megatron_gndpo.data.images import ImageRef, read_images
+from megatron_gndpo.data.vision import PLACEHOLDER, ImageInputs, VisionProcessor
+
 REQUIRED_COLUMNS = ("prompt", "reward_model")
+IMAGE_POLICIES = ("error", "ignore", "process")
 
 
 @dataclasses.dataclass
@@ -27,6 +35,8 @@ class PromptRow:
     """The parquet file the row comes from."""
     file_row: int
     """Its row number in that file."""
+    images: List[ImageRef] = dataclasses.field(default_factory=list)
+    """Its images, in the order of the prompt's ``<image>`` placeholders (data.images=process only)."""
 
 
 def _row_error(path: str, row: int, column: str, what: str) -> ValueError:
@@ -44,13 +54,23 @@ def _check_row(path: str, row: int, prompt, reward_model, images, images_policy:
     if images and images_policy == "error":
         raise _row_error(path, row, "images", "the row has images but the student is a text-only model "
                          "(set data.images=ignore to drop them)")
+    refs = []
+    if images_policy == "process":
+        refs = read_images(path, row, images)
+        placeholders = sum(m["content"].count(PLACEHOLDER) for m in prompt)
+        if placeholders != len(refs):
+            raise _row_error(path, row, "images", f"the prompt has {placeholders} {PLACEHOLDER} placeholders but the "
+                             f"row has {len(refs)} images: each image goes where its placeholder is")
     return PromptRow(row, [{"role": m["role"], "content": m["content"]} for m in prompt],
-                     str(reward_model["ground_truth"]), "", path, row)
+                     str(reward_model["ground_truth"]), "", path, row, refs)
 
 
 def read_prompt_rows(paths: Sequence[str], images: str = "error") -> List[PromptRow]:
-    """All rows of ``paths``, validated."""
+    """All rows of ``paths``, validated (with their images decoded, when ``images`` is 'process')."""
     import pyarrow.parquet as pq
+
+    if images not in IMAGE_POLICIES:
+        raise ValueError(f"data.images must be one of {', '.join(IMAGE_POLICIES)}, got {images!r}")
 
     rows: List[PromptRow] = []
     for path in paths:
@@ -117,16 +137,30 @@ class PromptDataset:
 
     ``overlong``: 'error' refuses a prompt longer than ``max_prompt_length`` naming its file, row and
     length; 'drop' leaves such rows out (verl's ``filter_overlong_prompts``) and counts them in
-    ``dropped``."""
+    ``dropped``.
+
+    ``processor``: the student checkpoint's vision processor, which ``images='process'`` needs; the
+    prompt length it measures counts every image's tokens."""
 
     def __init__(self, paths: Sequence[str], tokenizer, *, max_prompt_length: int, images: str = "error",
-                 overlong: str = "error"):
+                 overlong: str = "error", processor: Optional[VisionProcessor] = None):
         from megatron_gndpo.data.tokenizer import render_prompt
 
         if overlong not in ("error", "drop"):
             raise ValueError(f"data.overlong_prompts must be 'error' or 'drop', got {overlong!r}")
+        if images == "process" and processor is None:
+            raise ValueError("data.images=process needs the vision processor of a vision-language student "
+                             "(see docs/multimodal.md)")
         rows = read_prompt_rows(paths, images)
-        ids = [render_prompt(tokenizer, row.messages) for row in rows]
+        ids = []
+        for row in rows:
+            if not row.images:
+                ids.append(render_prompt(tokenizer, row.messages))
+                continue
+            try:
+                ids.append(processor.prompt_ids(row.messages, row.images))
+            except ValueError as e:
+                raise _row_error(row.path, row.file_row, "prompt", str(e)) from None
         kept = [i for i, prompt in enumerate(ids) if len(prompt) <= max_prompt_length]
         if len(kept) < len(rows) and overlong == "error":
             first = next(i for i, prompt in enumerate(ids) if len(prompt) > max_prompt_length)
@@ -140,12 +174,27 @@ class PromptDataset:
         self.rows = [dataclasses.replace(rows[i], index=n) for n, i in enumerate(kept)]
         self._ids = [ids[i] for i in kept]
         self.dropped = len(rows) - len(kept)
+        self.processor = processor
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def prompt_ids(self, i: int) -> List[int]:
         return self._ids[i]
+
+    def image_inputs(self, i: int) -> Optional[ImageInputs]:
+        """Row ``i``'s images processed for the vision tower (None for a row without images). Made when a
+        step draws the row, not kept: a dataset's pixels would not fit in memory (InternVL: up to 13
+        tiles of 448 x 448 x 3 floats per image)."""
+        row = self.rows[i]
+        if not row.images:
+            return None
+        inputs = self.processor.pixels(row.images)
+        measured = [self.processor.image_tokens(image) for image in row.images]
+        if inputs.tokens_per_image != measured:
+            raise RuntimeError(f"{row.path}: row {row.file_row}: the image processor made {inputs.tokens_per_image} "
+                               f"image tokens, the prompt measured at dataset open holds {measured}")
+        return inputs
 
 
 def write_prompt_parquet(path: str, rows: Sequence[dict]) -> None:

@@ -6,12 +6,15 @@
 Hugging Face dataset ``hiyouga/geometry3k`` stores them) or a Hugging Face dataset directory saved
 with ``datasets.save_to_disk``. Nothing is downloaded. Rows need ``problem`` and ``answer`` (and
 optionally ``images``); the prompt follows the GNDPO reference: the problem, then the instruction to
-reason inside <think></think> and put the final answer in \\boxed{}.
+reason inside <think></think> and put the final answer in \\boxed{}. Each row's images are written as
+their encoded bytes (``{"bytes": ...}``) in the row, one ``<image>`` placeholder each at the start of
+the prompt, so the output files stand alone (``data.images: process`` reads them).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 from typing import Dict, Iterable, List
 
@@ -36,6 +39,18 @@ def _records(src: Path, split: str) -> List[Dict]:
     return []
 
 
+def _image_bytes(image, split: str, row: int, k: int) -> bytes:
+    """An image of the source as its encoded bytes: parquet files hold ``{"bytes", "path"}`` structs,
+    ``save_to_disk`` datasets give decoded Pillow images (re-encoded in their own format)."""
+    if isinstance(image, dict) and isinstance(image.get("bytes"), bytes):
+        return image["bytes"]
+    if hasattr(image, "save"):
+        out = io.BytesIO()
+        image.save(out, format=image.format or "PNG")
+        return out.getvalue()
+    raise ValueError(f"Geometry3K {split} row {row}: image {k} has no bytes (got {image!r:.60})")
+
+
 def convert_rows(records: Iterable[Dict], split: str) -> List[Dict]:
     out = []
     for i, r in enumerate(records):
@@ -44,7 +59,7 @@ def convert_rows(records: Iterable[Dict], split: str) -> List[Dict]:
                 raise ValueError(f"Geometry3K {split} row {i}: column '{column}' must be a string, "
                                  f"got {r.get(column)!r:.60}")
         problem = r["problem"].replace("<image>", "").strip()
-        images = r.get("images") or []
+        images = [{"bytes": _image_bytes(image, split, i, k)} for k, image in enumerate(r.get("images") or [])]
         out.append(verl_row([{"role": "user", "content": "<image>" * len(images) + problem + INSTRUCTION}],
                             r["answer"], data_source="hiyouga/geometry3k", ability="math", images=images,
                             extra_info={"split": split, "index": i}))
