@@ -1,0 +1,146 @@
+"""Vision-language models: transformers' own vision tower and projector in front of a megatron-core
+``GPTModel``.
+
+The vision side runs as the transformers modules ``InternVLForConditionalGeneration`` is made of
+(InternViT, pixel shuffle, MLP projector), as Megatron-Bridge does for its vision-language models:
+it is small next to the language model, so it is replicated on every tensor-parallel rank of the
+first pipeline stage, and its math is transformers' by construction. Its image embeddings replace
+the token embeddings of the image-token positions, and the merged embeddings enter the GPTModel as
+``decoder_input``: the language model stays megatron's, tensor / pipeline parallel, with
+vocab-parallel logits. Only the InternVL family is built here (docs/multimodal.md).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+
+from megatron_gndpo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
+
+LM_PREFIX = "model.language_model."
+"""Where ``InternVLForConditionalGeneration`` keeps its language model (``lm_head`` sits at the top)."""
+VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
+
+
+class InternVLVision(torch.nn.Module):
+    """Tiles -> image embeddings in the language model's width: ``InternVLModel.get_image_features``
+    with transformers' modules (the feature layer, the class token dropped, pixel shuffle by
+    ``downsample_ratio``, the projector)."""
+
+    def __init__(self, hf_config):
+        super().__init__()
+        from transformers import AutoModel
+        from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
+
+        self.config = hf_config
+        self.vision_tower = AutoModel.from_config(hf_config.vision_config)
+        self.multi_modal_projector = InternVLMultiModalProjector(hf_config)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[tiles, 3, size, size] -> [tiles * tokens per tile, hidden], tile after tile."""
+        from transformers.models.internvl.modeling_internvl import InternVLModel
+
+        layer = self.config.vision_feature_layer
+        out = self.vision_tower(pixel_values=pixel_values.to(self.multi_modal_projector.linear_1.weight.dtype),
+                                output_hidden_states=layer != -1, return_dict=True)
+        features = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:, :]  # the class token
+        tiles, positions, width = features.shape
+        side = int(positions ** 0.5)
+        # pixel_shuffle does not use its instance: transformers' own function, not a copy of it
+        features = InternVLModel.pixel_shuffle(None, features.reshape(tiles, side, side, width),
+                                               scale_factor=self.config.downsample_ratio)
+        return self.multi_modal_projector(features.reshape(tiles, -1, features.shape[-1])).flatten(0, 1)
+
+
+class VisionLanguageModel(torch.nn.Module):
+    """A GPTModel whose prompt may hold images. On the first pipeline stage the image embeddings of
+    ``pixel_values`` replace the token embeddings where ``input_ids`` is ``image_token_id``, in
+    reading order (row after row, position after position), as transformers merges them."""
+
+    def __init__(self, language_model, vision: Optional[InternVLVision], image_token_id: int):
+        super().__init__()
+        self.language_model, self.vision, self.image_token_id = language_model, vision, image_token_id
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask,
+                pixel_values: Optional[torch.Tensor] = None, **kwargs):
+        """``input_ids`` [batch, seq]; ``pixel_values`` every image of the batch, in the order their
+        image tokens appear in ``input_ids`` read row after row (None: no images)."""
+        if self.vision is None or pixel_values is None:
+            return self.language_model(input_ids, position_ids, attention_mask, **kwargs)
+        if self.language_model.config.sequence_parallel:
+            raise NotImplementedError("images with sequence parallelism: the embeddings would be merged into "
+                                      "sequence shards")
+        embeds = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)  # [seq, batch, h]
+        images = self.vision(pixel_values)
+        mask = input_ids == self.image_token_id
+        if int(mask.sum()) != images.shape[0]:
+            raise ValueError(f"the batch has {int(mask.sum())} image tokens but its images make {images.shape[0]} "
+                             "image embeddings")
+        # batch-major like input_ids, so the k-th image token gets the k-th embedding
+        merged = embeds.transpose(0, 1).masked_scatter(mask.unsqueeze(-1), images.to(embeds.dtype))
+        return self.language_model(input_ids, position_ids, attention_mask,
+                                   decoder_input=merged.transpose(0, 1).contiguous(), **kwargs)
+
+
+def internvl_language_config(hf_config) -> ModelConfig:
+    """The language model of a transformers ``InternVLConfig`` as our ModelConfig (Qwen2 / Qwen3 /
+    Llama, with the text converter's checks). ``lm_head`` is tied by the top-level config."""
+    import dataclasses
+
+    from megatron_gndpo.checkpoint.hf_mapping import model_config_from_hf
+
+    cfg = model_config_from_hf(hf_config.text_config)
+    return dataclasses.replace(cfg, tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)))
+
+
+def split_internvl_state_dict(hf: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor],
+                                                                        Dict[str, torch.Tensor]]:
+    """An ``InternVLForConditionalGeneration`` state dict -> (the language model's, under the text
+    checkpoints' names ``model.*`` / ``lm_head.weight``; the vision side's, under
+    ``InternVLVision``'s names). An unknown key is an error naming it."""
+    lm, vision = {}, {}
+    for key, tensor in hf.items():
+        if key.startswith(LM_PREFIX):
+            lm["model." + key[len(LM_PREFIX):]] = tensor
+        elif key == "lm_head.weight":
+            lm[key] = tensor
+        elif key.startswith(VISION_PREFIXES):
+            vision[key[len("model."):]] = tensor
+        else:
+            raise KeyError(f"InternVL checkpoint tensor {key!r} is neither the language model's nor the vision side's")
+    return lm, vision
+
+
+def build_internvl_model(hf_config, parallel: ParallelConfig, precision: PrecisionConfig, *, pre_process: bool,
+                         post_process: bool, train_vision_tower: bool = False) -> VisionLanguageModel:
+    """The megatron-core language model of this pipeline stage behind transformers' vision side (first
+    stage only). ``train_vision_tower`` False freezes InternViT, as the GNDPO reference does; the
+    projector trains either way."""
+    from megatron_gndpo.models.provider import build_gpt_model, params_dtype
+
+    language_model = build_gpt_model(internvl_language_config(hf_config), parallel, precision,
+                                     pre_process=pre_process, post_process=post_process)
+    vision = None
+    if pre_process:
+        vision = InternVLVision(hf_config).to(dtype=params_dtype(precision))
+        vision.vision_tower.requires_grad_(train_vision_tower)
+        if torch.cuda.is_available() and not language_model.config.use_cpu_initialization:
+            vision.cuda(torch.cuda.current_device())
+    return VisionLanguageModel(language_model, vision, hf_config.image_token_id)
+
+
+def load_internvl_hf_weights(model: VisionLanguageModel, hf: Mapping[str, torch.Tensor], hf_config) -> None:
+    """Copy an ``InternVLForConditionalGeneration`` state dict into ``model`` (this rank's slices of
+    the language model through the text converter's mapping; the vision side whole)."""
+    from megatron_gndpo.checkpoint.hf_mapping import hf_to_global
+    from megatron_gndpo.models.weights import load_global_weights
+
+    lm, vision = split_internvl_state_dict(hf)
+    cfg = internvl_language_config(hf_config)
+    tp = model.language_model.config.tensor_model_parallel_size
+    load_global_weights(model.language_model, hf_to_global(lm, cfg, cfg.padded_vocab_size(tp)))
+    if model.vision is not None:
+        model.vision.load_state_dict(vision, strict=True)
