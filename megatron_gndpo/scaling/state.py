@@ -47,7 +47,8 @@ def check_out_dir(out: Path, grid_name: str) -> None:
         return
     if not out.is_dir():
         raise ValueError(f"--out {out} is not a directory")
-    entries = sorted(out.iterdir())
+    # a lone .lock: a sweep stopped before it wrote its marker
+    entries = sorted(e for e in out.iterdir() if e.name != LOCK)
     if not entries:
         return
     marker = out / MARKER
@@ -58,7 +59,7 @@ def check_out_dir(out: Path, grid_name: str) -> None:
     if found.get("schema") != SCHEMA or found.get("grid") != grid_name:
         raise ValueError(f"{marker} belongs to sweep {found.get('grid')!r}, not {grid_name!r}; choose another --out")
     for entry in entries:
-        if entry.name not in (MARKER, GRID_COPY, LOCK, CELLS):
+        if entry.name not in (MARKER, GRID_COPY, CELLS):
             raise ValueError(f"{entry} is not part of a sweep's output; move it or choose another --out")
     for entry in sorted((out / CELLS).iterdir()) if (out / CELLS).is_dir() else []:
         if not (entry.is_dir() and (entry / CELL_JSON).is_file()):
