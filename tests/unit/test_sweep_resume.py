@@ -84,3 +84,11 @@ def test_stray_file_beside_a_sweep_refused(tmp_path):
     (out / "cells" / "scratch").mkdir()
     with pytest.raises(ValueError, match=str(out / "cells" / "scratch")):
         sweep(str(grid), out, cwd=tmp_path)
+
+
+def test_lone_lock_is_not_foreign(tmp_path):
+    grid, out = write_grid(tmp_path, {"algorithm.estimator": ["gndpo"]}), tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_text("")  # what a sweep stopped before writing sweep.json leaves
+    (record,) = sweep(str(grid), out, cwd=tmp_path)
+    assert record["status"] == "done"
