@@ -40,7 +40,7 @@ def page(title: str, rows: List[Dict[str, Any]], figures: List[Path], tables: Li
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}} figure{{display:inline-block;margin:1em}}
 img{{max-width:100%}}</style></head>
 <body><h1>{html.escape(title)}</h1>
-<p>{len(rows)} runs. Every column, and the definitions in <code>docs/scaling.md</code>: {links}.
+<p>{len(rows)} runs. All columns: {links} (defined in <code>docs/scaling.md</code>);
 <code>error/*</code> = planned / measured - 1.</p>
 <table><tr>{head}</tr>
 {body}
