@@ -11,7 +11,8 @@ from typing import Any, Dict, List
 from megatron_gndpo.scaling.runs import LEADING
 
 CAPTIONS = {
-    "curves.png": "Reward of the training rollouts and greedy validation accuracy against step, one line per run.",
+    "curves.png": "Reward of the training rollouts and greedy validation accuracy against step, one line per arm "
+                  "(the mean of its seeds).",
     "throughput.png": "Tokens per second against the number of GPUs (processes); hollow markers: the plan.",
     "step_time.png": "Mean seconds per step by phase, per layout.",
     "accuracy_vs_size.png": "Final validation accuracy against student size, per estimator.",
@@ -27,7 +28,7 @@ def _cell(value: Any) -> str:
 def page(title: str, rows: List[Dict[str, Any]], figures: List[Path], tables: List[str]) -> str:
     shown = [c for c in LEADING if any(r.get(c) is not None for r in rows)]
     axes = sorted({k for r in rows for k in r if k.startswith("axis/")})
-    shown = shown[:2] + axes + shown[2:]
+    shown = shown[:3] + axes + shown[3:]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in shown)
     body = "\n".join("<tr>" + "".join(f"<td>{_cell(r.get(c))}</td>" for c in shown) + "</tr>" for r in rows)
     images = "\n".join(

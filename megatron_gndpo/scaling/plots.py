@@ -1,6 +1,6 @@
 """The report's figures (matplotlib, headless Agg), each a PNG written only when the runs hold its data:
 
-- ``curves.png``: training reward and validation accuracy against step, one line per run (arm);
+- ``curves.png``: training reward and validation accuracy against step, one line per arm (its seeds averaged);
 - ``throughput.png``: tokens/s against GPUs (measured filled, the plan's hollow), one point per run;
 - ``step_time.png``: the step-time breakdown (mean seconds per phase) per layout, stacked bars;
 - ``accuracy_vs_size.png``: final validation accuracy against student parameters, one line per estimator.
@@ -27,18 +27,28 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def curves(series: Dict[str, List[Dict[str, Any]]], path: Path) -> Optional[Path]:
-    """``series``: arm -> its metrics.jsonl rows."""
+def mean_by_step(runs: List[List[Dict[str, Any]]], key: str) -> List[tuple]:
+    """(step, mean of ``key`` over the runs that logged it at that step), by step."""
+    values: Dict[int, List[float]] = defaultdict(list)
+    for rows in runs:
+        for r in rows:
+            if isinstance(r.get(key), (int, float)):
+                values[r["step"]].append(r[key])
+    return [(step, sum(v) / len(v)) for step, v in sorted(values.items())]
+
+
+def curves(series: Dict[str, List[List[Dict[str, Any]]]], path: Path) -> Optional[Path]:
+    """``series``: arm -> the metrics.jsonl rows of each of its runs (seeds), averaged per step."""
     if not series:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for arm, rows in series.items():
-        train = [(r["step"], r["reward"]) for r in rows if "reward" in r]
-        val = [(r["step"], r["val/acc"]) for r in rows if "val/acc" in r]
-        line, = left.plot(*zip(*train), label=arm, lw=1.2) if train else (None,)
+    for arm, runs in series.items():
+        label = arm if len(runs) == 1 else f"{arm} ({len(runs)} seeds)"
+        train = mean_by_step(runs, "reward")
+        val = mean_by_step(runs, "val/acc")
+        line, = left.plot(*zip(*train), label=label, lw=1.2) if train else (None,)
         if val:
-            right.plot(*zip(*val), marker="o", ms=3, lw=1.2, label=arm,
-                       color=line.get_color() if line else None)
+            right.plot(*zip(*val), marker="o", ms=3, lw=1.2, label=label, color=line.get_color() if line else None)
     left.set(xlabel="step", ylabel="reward (training rollouts)", title="reward")
     right.set(xlabel="step", ylabel="val/acc (greedy)", title="validation accuracy")
     left.legend(fontsize=7)

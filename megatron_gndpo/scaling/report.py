@@ -42,9 +42,11 @@ def make_report(dirs: List[str], out: Path, overwrite: bool = False, title: str 
         raise ValueError(f"no finished runs under {', '.join(dirs)}")
     out.mkdir(parents=True, exist_ok=True)
     write_table(rows, out / "report.csv", out / "report.parquet")
-    several = len({r["sweep"] for r in rows}) > 1  # cells of two sweeps may share a name
-    series = {f"{r['sweep']}/{r['cell']}" if several else r["cell"]: read_metrics(Path(r["path"]) / METRICS)
-              for r in rows}
+    several = len({r["sweep"] for r in rows}) > 1  # arms of two sweeps may share a name
+    series: Dict[str, List] = {}
+    for r in rows:
+        series.setdefault(f"{r['sweep']}/{r['arm']}" if several else r["arm"], []).append(
+            read_metrics(Path(r["path"]) / METRICS))
     figures = [f for f in (plots.curves(series, out / "curves.png"), plots.throughput(rows, out / "throughput.png"),
                            plots.step_time(rows, out / "step_time.png"),
                            plots.accuracy_vs_size(rows, out / "accuracy_vs_size.png")) if f]

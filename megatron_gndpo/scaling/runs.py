@@ -9,6 +9,7 @@ Measured figures of a run (training steps are the rows with a ``reward``; valida
   several; ``tokens_per_s_per_gpu`` = ``tokens_per_s`` / GPUs;
 - ``peak_memory_gib``: the largest ``memory/*peak*`` value logged (GiB), when the trainer logs one;
   ``host_peak_rss_gib``: the sweep's measurement of a local cell (largest process's resident memory);
+- ``arm``: the cell's axis labels but its ``seed`` axis (a run outside a sweep: its directory's name);
 - ``error/*`` = planned / measured - 1 for step time, tokens/s per GPU and peak memory, where both exist.
 """
 
@@ -26,8 +27,9 @@ from megatron_gndpo.config.schema import ModelConfig
 from megatron_gndpo.planning.model import parameter_count
 
 METRICS = "metrics.jsonl"
+SEED_AXIS = "seed"
 # the columns a reader looks for first; the others follow sorted
-LEADING = ("sweep", "cell", "estimator", "student_parameters", "teacher_parameters", "tp", "pp", "dp", "gpus",
+LEADING = ("sweep", "cell", "arm", "estimator", "student_parameters", "teacher_parameters", "tp", "pp", "dp", "gpus",
            "steps", "final/reward", "final/acc", "final/val/acc", "best/val/acc", "best/val/acc_step",
            "tokens_per_s", "tokens_per_s_per_gpu", "time/step_s", "plan/step_s", "error/step_s",
            "plan/tokens_per_s_per_gpu", "error/tokens_per_s_per_gpu", "peak_memory_gib", "plan/peak_gib",
@@ -92,8 +94,11 @@ def run_row(run_dir: Path, cell: Optional[Dict[str, Any]] = None, sweep: Optiona
     parallel = config.get("parallel") or {}
     row["tp"], row["pp"] = parallel.get("tensor_model_parallel_size"), parallel.get("pipeline_model_parallel_size")
     row["dp"] = row["gpus"] = None  # a run's own files do not say how many processes it had; a cell's do
+    row["arm"] = row["cell"]
     if cell:
         row.update({f"axis/{axis}": label for axis, label in cell["labels"].items()})
+        # an arm is what the study compares: the cell's labels but its seed (seeds are repeats of one arm)
+        row["arm"] = "-".join(label for axis, label in cell["labels"].items() if axis != SEED_AXIS) or row["cell"]
         row.update({k: cell["launch"][k] for k in ("dp", "gpus")})
         row.update(cell.get("plan") or {})
         row["host_peak_rss_gib"] = cell.get("host_peak_rss_gib")
@@ -133,7 +138,7 @@ def columns(rows: List[Dict[str, Any]]) -> List[str]:
     present = {k for r in rows for k in r}
     axes = sorted(k for k in present if k.startswith("axis/"))
     lead = [k for k in LEADING if k in present]
-    return lead[:2] + axes + lead[2:] + sorted(present - set(lead) - set(axes))
+    return lead[:3] + axes + lead[3:] + sorted(present - set(lead) - set(axes))
 
 
 def write_table(rows: List[Dict[str, Any]], csv_path: Path, parquet_path: Path) -> None:

@@ -13,7 +13,9 @@ import yaml
 from megatron_gndpo.config.schema import ModelConfig
 from megatron_gndpo.planning.model import parameter_count
 from megatron_gndpo.scaling import state
+from megatron_gndpo.scaling.plots import mean_by_step
 from megatron_gndpo.scaling.report import make_report
+from megatron_gndpo.scaling.runs import read_metrics
 from tests.trainer_setup import ARCH
 
 # step 1 is the warm-up the pace leaves out; validation before the first step (0) and after steps 2 and 3
@@ -61,7 +63,7 @@ def test_table_values(tmp_path):
     rows = {r["cell"]: r for r in csv.DictReader(open(report / "report.csv"))}
     assert sorted(rows) == ["a", "b", "lone"]
     a = {k: v for k, v in pq.read_table(report / "report.parquet").to_pylist()[0].items()}
-    assert a["cell"] == "a" and a["sweep"] == "study" and a["axis/layout"] == "tp1"
+    assert a["cell"] == "a" and a["sweep"] == "study" and a["axis/layout"] == "tp1" and a["arm"] == "tp1"
     assert (a["steps"], a["final/reward"], a["final/acc"]) == (3, 0.6, 0.5)  # the cut-short last line ignored
     assert (a["final/val/acc"], a["best/val/acc"], a["best/val/acc_step"]) == (0.4, 0.5, 2)
     assert a["time/step_s"] == pytest.approx(2.5) and a["time/train_s"] == pytest.approx(1.5)  # steps 2-3
@@ -101,3 +103,20 @@ def test_report_dir_rule(tmp_path):
     make_report([str(tmp_path / "sweep")], report)  # an earlier report is replaced without --overwrite
     with pytest.raises(ValueError, match="neither a sweep directory"):
         make_report([str(tmp_path)], tmp_path / "other")
+
+
+def test_seeds_are_one_arm(tmp_path):
+    root = tmp_path / "sweep"
+    root.mkdir()
+    state.write_json(root / "sweep.json", {"schema": state.SCHEMA, "grid": "seeds", "cells": ["x-1", "x-2"]})
+    for seed, reward in (("1", 0.2), ("2", 0.6)):
+        rows = [{"step": 1, "reward": reward, "acc": 0.0, "time/step_s": 1.0, "perf/tokens": 10}]
+        write_run(root / "cells" / f"x-{seed}" / "run", rows)
+        state.write_json(root / "cells" / f"x-{seed}" / "cell.json", {
+            "name": f"x-{seed}", "status": "done", "labels": {"student": "x", "seed": seed},
+            "launch": {"tp": 1, "pp": 1, "dp": 1, "gpus": 1}})
+    make_report([str(root)], tmp_path / "r")
+    rows = list(csv.DictReader(open(tmp_path / "r" / "report.csv")))
+    assert [r["arm"] for r in rows] == ["x", "x"]
+    runs = [read_metrics(root / "cells" / f"x-{s}" / "run" / "metrics.jsonl") for s in "12"]
+    assert mean_by_step(runs, "reward") == [(1, pytest.approx(0.4))]
