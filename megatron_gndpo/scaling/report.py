@@ -51,7 +51,7 @@ def make_report(dirs: List[str], out: Path, overwrite: bool = False, title: str 
                            plots.step_time(rows, out / "step_time.png"),
                            plots.accuracy_vs_size(rows, out / "accuracy_vs_size.png")) if f]
     (out / "index.html").write_text(html.page(title, rows, figures, ["report.csv", "report.parquet"]))
-    summary = {"schema": SCHEMA, "inputs": [str(Path(d).resolve()) for d in dirs], "runs": len(rows),
+    summary = {"schema": SCHEMA, "inputs": list(dirs), "runs": len(rows),
                "files": ["report.csv", "report.parquet", "index.html"] + [f.name for f in figures]}
     write_json(out / MARKER, summary)
     return summary
