@@ -4,6 +4,8 @@
     megatron-gndpo eval --config CONFIG.yaml --checkpoint CKPT [--out FILE.json] [--limit N] [key=value ...]
     megatron-gndpo convert {hf-to-megatron,megatron-to-hf,reshard,verify} ...
     megatron-gndpo plan --student S --teacher T --gpus N --gpu h100|h200|a100 [--tp --pp --cp] [--json] ...
+    megatron-gndpo sweep GRID.yaml --out DIR [--submit] [--dry-run]
+    megatron-gndpo report DIR... --out REPORT_DIR [--overwrite]
 
 ``eval`` runs under torchrun too (``torchrun ... -m megatron_gndpo.cli eval ...``) for a TP x PP layout.
 """
@@ -73,6 +75,7 @@ def main(argv=None) -> int:
     train.quiet_megatron()  # before anything imports megatron-core
     from megatron_gndpo.checkpoint import convert
     from megatron_gndpo.planning import command as plan
+    from megatron_gndpo.scaling import report, sweep
 
     parser = argparse.ArgumentParser(prog="megatron-gndpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,6 +84,8 @@ def main(argv=None) -> int:
     add_eval_arguments(sub.add_parser("eval", help="greedy validation of a checkpoint on data.val_files"))
     convert.add_arguments(sub.add_parser("convert", help="Hugging Face <-> megatron checkpoints"))
     plan.add_arguments(sub.add_parser("plan", help="memory and time per layout of a run, before it starts"))
+    sweep.add_arguments(sub.add_parser("sweep", help="run a grid of training runs, resumably"))
+    report.add_arguments(sub.add_parser("report", help="table, plots and a page of what scaled across runs"))
     # Overrides may come on both sides of a flag (`key=value --resume key=value`); argparse leaves the later
     # ones over, and its intermixed parsing does not support subcommands.
     args, extra = parser.parse_known_args(argv)
@@ -90,8 +95,8 @@ def main(argv=None) -> int:
         args.overrides += extra
     if args.tool == "train":
         return train.run(args)
-    if args.tool == "plan":
-        return plan.run(args)
+    if args.tool in ("plan", "sweep", "report"):
+        return {"plan": plan, "sweep": sweep, "report": report}[args.tool].run(args)
     return run_eval(args) if args.tool == "eval" else convert.run(args)
 
 
