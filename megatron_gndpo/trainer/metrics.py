@@ -110,6 +110,17 @@ TENSORBOARD = "tensorboard"
 CONFIG = "config.yaml"
 
 
+def memory_metrics(device: torch.device) -> Dict[str, float]:
+    """This rank's peak memory so far, in GiB: the CUDA caching allocator's high-water mark on a GPU
+    (``memory/peak_allocated_gib``, what the planner's per-GPU estimate is compared with), the process's
+    peak resident set on a CPU (``memory/peak_rss_gib``)."""
+    if device.type == "cuda":
+        return {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    import resource
+
+    return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}  # KiB on Linux
+
+
 def set_aside_previous_run(output_dir: Path) -> Optional[Path]:
     """Moves an earlier run's metrics (JSONL, TensorBoard events) and configuration into
     ``previous_run_<time>/``, named after when they were last written; returns that directory, or None

@@ -25,7 +25,13 @@ from megatron_gndpo.config.schema import AlgorithmConfig
 from megatron_gndpo.rollout.generator import generate
 from megatron_gndpo.trainer.batches import StepPrompts, attach, mini_batches, split_rows, training_batch
 from megatron_gndpo.trainer.dumps import ROLLOUTS, dump_path, dump_rollout
-from megatron_gndpo.trainer.metrics import PhaseTimer, advantage_metrics, logprob_diff_metrics, rollout_metrics
+from megatron_gndpo.trainer.metrics import (
+    PhaseTimer,
+    advantage_metrics,
+    logprob_diff_metrics,
+    memory_metrics,
+    rollout_metrics,
+)
 from megatron_gndpo.trainer.rewards import reward_responses
 
 if TYPE_CHECKING:
@@ -68,6 +74,7 @@ def train_step(t: Trainer, step: int) -> Dict[str, float]:
             metrics["actor/skipped_steps"] = float(t.student.skipped_steps)
         with timer("metrics"):
             metrics.update(rollout_metrics(rollout, rewards, g.dp_cp))
+            metrics.update(memory_metrics(g.device))
             if g.is_last_stage:
                 n = rollout.tokens.shape[1] - 1  # the batch before its FP8 padding
                 metrics.update(advantage_metrics(advantages, batch["mask"], g.dp_cp))

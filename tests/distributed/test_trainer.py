@@ -71,6 +71,7 @@ def test_two_steps_match_single_process(workdir, tp, pp, dp):
             assert 0 <= m["rollout/logprob_diff_mean"] <= m["rollout/logprob_diff_max"] < 1e-4, (step, m)
             assert m["rollout/logprob_diff_std"] < 1e-4
             assert m["response/length_min"] <= m["response/length_mean"] <= m["response/length_max"]
+            assert 0.1 < m["memory/peak_rss_gib"] < 20  # the logging rank's own peak, for the scaling report
     for key, w in ref["weights"].items():
         torch.testing.assert_close(out[0]["weights"][key], w, rtol=0, atol=2e-5, msg=key)
     assert ref["metrics"][1]["actor/grad_norm"] > 0
