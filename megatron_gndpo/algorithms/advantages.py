@@ -1,4 +1,4 @@
-"""Per-token advantage estimators for on-policy distillation (DESIGN.md §1.1).
+"""Per-token advantage estimators for on-policy distillation (docs/algorithms.md).
 
 Every estimator is a pure function: tensors, scalars and an explicit ``group`` (the data-parallel x
 context-parallel group; ``None`` means one process) in, ``(advantages [B, T], stats)`` out. Stats are

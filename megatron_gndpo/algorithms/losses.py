@@ -1,4 +1,4 @@
-"""Policy losses and divergence loss terms (DESIGN.md §1.2).
+"""Policy losses and divergence loss terms (docs/algorithms.md).
 
 Each loss returns this micro-batch's share of the step loss, already divided by the GLOBAL
 normaliser of the step (``reduce.global_normalizer``), so that summing over micro-batches and DP

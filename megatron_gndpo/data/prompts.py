@@ -1,4 +1,4 @@
-"""Prompt datasets in the verl parquet schema (DESIGN.md §1.3) and the seeded order they are read in.
+"""Prompt datasets in the verl parquet schema and the seeded order they are read in.
 
 Row schema: ``prompt`` (list of ``{"role", "content"}`` chat messages), ``reward_model``
 (``{"style": "rule", "ground_truth": str}``), optional ``data_source``, ``images``, ``ability``,

@@ -1,5 +1,5 @@
 """The trainer end to end on tiny models: parallel invariance of whole steps, exact resume, crash-safe
-saves, the bad inputs of DESIGN.md §3.5, and what a run reports (rollout-vs-trainer log-probs, metrics
+saves, bad inputs, and what a run reports (rollout-vs-trainer log-probs, metrics
 per data source, JSONL dumps, log lines once)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Convert a local copy of Geometry3K to the verl parquet schema the trainer reads (DESIGN.md §1.3).
+"""Convert a local copy of Geometry3K to the verl parquet schema the trainer reads.
 
     python -m tools.data.geo3k --src PATH --out DIR
 
