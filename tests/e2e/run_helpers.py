@@ -129,9 +129,9 @@ def latest_step(checkpoints: Path) -> int:
 
 
 def metric_rows(output_dir: Path) -> List[dict]:
-    """The metrics.jsonl rows without wall-clock timings and throughput, which differ between runs."""
+    """The metrics.jsonl rows without wall-clock timings, throughput and memory peaks, which differ between runs."""
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if not k.startswith(("time/", "perf/"))} for row in rows]
+    return [{k: v for k, v in row.items() if not k.startswith(("time/", "perf/", "memory/"))} for row in rows]
 
 
 def checkpoint_items(path: Path) -> dict:
