@@ -50,14 +50,19 @@ def apply_overrides(tree: dict, overrides: Sequence[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like dotted.key=value")
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            node[part] = dict(child) if isinstance(child, Mapping) else {}
-            node = node[part]
-        node[parts[-1]] = yaml.safe_load(value)
+        set_dotted(tree, key, yaml.safe_load(value))
     return tree
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """``tree[a][b][c] = value`` for ``key`` 'a.b.c', creating (copies of) the mappings on the way."""
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        node[part] = dict(child) if isinstance(child, Mapping) else {}
+        node = node[part]
+    node[parts[-1]] = value
 
 
 def _build(cls, data: Any, path: str):

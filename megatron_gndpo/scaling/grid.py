@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Literal, Mapping, Optional
 
 import yaml
 
-from megatron_gndpo.config.loader import _build, config_from_dict, load_yaml_with_defaults
+from megatron_gndpo.config.loader import _build, config_from_dict, load_yaml_with_defaults, set_dotted
 from megatron_gndpo.config.schema import RunConfig
 
 LAUNCH_PREFIX = "launch."
@@ -93,17 +93,6 @@ class Grid:
     """Axis name -> value label -> the dotted keys it sets."""
     launch: LaunchConfig
     plan: PlanConfig
-
-
-def set_dotted(tree: Dict[str, Any], key: str, value: Any) -> None:
-    """``tree[a][b][c] = value`` for ``key`` 'a.b.c', creating (copies of) the mappings on the way."""
-    node = tree
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        node[part] = dict(child) if isinstance(child, Mapping) else {}
-        node = node[part]
-    node[parts[-1]] = value
 
 
 def _label(value: Any) -> str:
