@@ -34,17 +34,15 @@ import socket
 import statistics
 import sys
 import time
-import weakref
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.tensor_memory import TensorBytes  # noqa: E402
 from megatron_gndpo.ops.vocab_parallel import (  # noqa: E402
     DEFAULT_CHUNK,
     fused_linear_logprobs,
@@ -52,39 +50,6 @@ from megatron_gndpo.ops.vocab_parallel import (  # noqa: E402
 )
 
 VARIANTS = ("gathered", "vocab_parallel", "vocab_parallel_inplace", "megatron", "fused")
-
-
-class PeakTensorBytes(TorchDispatchMode):
-    """Peak of the bytes held by tensors created inside the mode (freed when their storage dies)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._seen = set()
-
-    def _track(self, t):
-        st = t.untyped_storage()
-        key = st.data_ptr()
-        if key in self._seen or st.nbytes() == 0:
-            return
-        self._seen.add(key)
-        self.live += st.nbytes()
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(st, self._free, key, st.nbytes())
-
-    def _free(self, key, nbytes):
-        self._seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # in-place and out= ops and views return an argument's storage: nothing was allocated
-        given = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
-                self._track(t)
-        return out
 
 
 class CommCounter:
@@ -178,7 +143,7 @@ def measure(variant, n_tokens, vocab, cfg, group, device):
         del inputs
     inputs = fresh_inputs()
     sync()
-    with PeakTensorBytes() as mem, CommCounter() as comm:
+    with TensorBytes() as mem, CommCounter() as comm:
         forward_backward(variant, *inputs, target, group, cfg["chunk"])
     return {"time_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "peak_mib": mem.peak / 2**20,
             "comm_bytes_per_token": comm.bytes / n_tokens}

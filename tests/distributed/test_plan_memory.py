@@ -4,13 +4,10 @@ at several TP x PP layouts (float32 weights, the CPU path)."""
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
-from torch.utils._pytree import tree_flatten
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.tensor_memory import TensorBytes
 from megatron_gndpo.config.schema import ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig
 from tests.harness import run_distributed
 
@@ -18,38 +15,6 @@ ARCH = dict(vocab_size=1000, hidden_size=128, num_hidden_layers=4, num_attention
             intermediate_size=384, max_position_embeddings=512)
 FP32 = PrecisionConfig(params_dtype="float32", transformer_impl="local")
 MICRO, SEQ = 4, 256
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Bytes held by the storages of tensors created inside the mode, now and at their peak."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen = set()
-
-    def _track(self, t):
-        st = t.untyped_storage()
-        key = st.data_ptr()
-        if key in self._seen or st.nbytes() == 0:
-            return
-        self._seen.add(key)
-        self.live += st.nbytes()
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(st, self._free, key, st.nbytes())
-
-    def _free(self, key, nbytes):
-        self._seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # in-place ops and views return an argument's storage: nothing was allocated
-        given = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
-                self._track(t)
-        return out
 
 
 def _measure(groups, arch_fields):
@@ -69,7 +34,7 @@ def _measure(groups, arch_fields):
         lp = vocab_parallel_logprobs(logits_shard, batch["labels"], group=groups.tp, vocab_size=arch.vocab_size)
         return -lp.sum() / lp.numel(), {}
 
-    with LiveTensorBytes() as states:
+    with TensorBytes() as states:
         model = build_student(arch, par, FP32, pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
         optimizer = build_optimizer(OptimConfig(lr=1e-3), FP32, par, model)
         gc.collect()

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.vocab_parallel import PeakTensorBytes
+from benchmarks.tensor_memory import TensorBytes
 from megatron_gndpo.ops import (
     mask_padded_vocab,
     real_vocab_columns,
@@ -83,7 +83,7 @@ def test_logprobs_allocate_the_gradient_and_at_most_one_chunk(dtype, grad, inpla
     n, v = 64, 4096
     x = torch.randn(n, v).to(dtype).requires_grad_(grad)
     target = torch.randint(0, v, (n,))
-    with PeakTensorBytes() as mem:
+    with TensorBytes() as mem:
         lp = vocab_parallel_logprobs(x, target, chunk_size=n // 4, inplace=inplace)
         if grad:
             torch.autograd.grad(lp.sum(), x)
