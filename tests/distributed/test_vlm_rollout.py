@@ -55,7 +55,8 @@ def _recompute(model, groups, prompt, images):
     t = torch.tensor([prompt])
     for _ in range(NEW_TOKENS):
         mb = {**common.microbatch(t), **(micro_batch_images([images], t.device) if groups.is_first_stage else {})}
-        got = run_schedule(model, [mb], forward_only=True, collect_fn=lambda lg, mb: {"nxt": _greedy(groups, lg[:, -1])})
+        got = run_schedule(model, [mb], forward_only=True,
+                           collect_fn=lambda lg, mb: {"nxt": _greedy(groups, lg[:, -1])})
         nxt = got[0]["nxt"] if got else torch.zeros(1, dtype=torch.long)
         if groups.pp_size > 1:
             dist.broadcast(nxt, src=dist.get_global_rank(groups.pp, groups.pp_size - 1), group=groups.pp)
@@ -64,6 +65,8 @@ def _recompute(model, groups, prompt, images):
 
 
 def _rollout_score_train(groups):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
     from megatron_gndpo.models.vlm import build_internvl_model, load_internvl_hf_weights
     from megatron_gndpo.ops.vocab_parallel import vocab_parallel_logprobs
     from megatron_gndpo.rollout.generator import SamplingParams, generate
@@ -92,17 +95,23 @@ def _rollout_score_train(groups):
         if (tp, pp) == (2, 1):
             res["logp"] = forward_outputs(model, microbatches, lambda lg, mb: {
                 "logp": vocab_parallel_logprobs(lg, mb["labels"], group=groups.tp, vocab_size=VOCAB)})["logp"]
-        model.zero_grad()
+        # one training step as Student.update runs it: megatron's DDP, finalize_model_grads, a loss already
+        # divided by the step's token count (the DP replicas of (1, 1) hold the same rows: their sum is dp x)
+        model.config.finalize_model_grads_func = finalize_model_grads
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        ddp.zero_grad_buffer()
         n_tokens = sum(int(mb["mask"].sum()) for mb in microbatches)
 
         def loss_fn(lg, mb):
             logp = vocab_parallel_logprobs(lg, mb["labels"], group=groups.tp, vocab_size=VOCAB)
             return -(logp * mb["mask"]).sum() / n_tokens, {}
 
-        run_schedule(model, microbatches, loss_fn=loss_fn, forward_only=False)
+        run_schedule(ddp, microbatches, loss_fn=loss_fn, forward_only=False)
         if model.vision is not None:
-            res["projector_grad"] = {n: p.grad.clone() for n, p in model.vision.multi_modal_projector.named_parameters()}
-            res["tower_grads"] = [p.grad for p in model.vision.vision_tower.parameters()]
+            res["projector_grad"] = {n: p.main_grad / groups.dp_size
+                                     for n, p in model.vision.multi_modal_projector.named_parameters()}
+            res["tower_grads"] = [(p.grad, getattr(p, "main_grad", None))
+                                  for p in model.vision.vision_tower.parameters()]
         out[(tp, pp)] = res
     return out
 
@@ -119,7 +128,7 @@ def test_vlm_rollout_scoring_and_training_with_images():
             assert res["cached"][3] == res["cached"][1], where  # the shared ImageInputs
             assert res["has_pixels"] == [rank == 0 or layout[1] == 1] * 2, where  # first stage only
             if "projector_grad" in res:  # first stage: the projector learns, the frozen tower does not
-                assert all(g is None for g in res["tower_grads"]), where
+                assert all(g is None and main is None for g, main in res["tower_grads"]), where
                 ref = ranks[0][(1, 1)]["projector_grad"]
                 assert all(g.abs().max() > 0 for g in ref.values())
                 for name, g in res["projector_grad"].items():
