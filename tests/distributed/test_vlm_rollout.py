@@ -39,6 +39,18 @@ def _prompts():
     return prompts + [prompts[1]], [two, one, None, one]
 
 
+def _sharp_hf_model():
+    """test_vlm.py's model with every matrix 8x larger: at transformers' initial scale (std 0.02) the
+    greedy continuation repeats the last prompt token whatever came before, images included, and a
+    sampler that dropped the images would pass (the test checks that they matter)."""
+    hf = _hf_model()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    return hf
+
+
 def _greedy(groups, logits_shard):
     from megatron_gndpo.rollout.sampling import vocab_parallel_sample
 
@@ -74,7 +86,7 @@ def _rollout_score_train(groups):
     from megatron_gndpo.trainer.images import attach_images
     from megatron_gndpo.trainer.megatron_glue import forward_outputs, run_schedule
 
-    hf = _hf_model()
+    hf = _sharp_hf_model()
     prompts, images = _prompts()
     out = {}
     for tp, pp in LAYOUTS:
@@ -87,6 +99,10 @@ def _rollout_score_train(groups):
                            groups=groups, vocab_size=VOCAB, seed=0, max_sequence_length=128, images=images)
         res = {"cached": rollout.responses(), "tokens": rollout.tokens,
                "recomputed": [_recompute(model, groups, p, im) for p, im in zip(prompts[:3], images[:3])]}
+        if (tp, pp) == (1, 1):  # the same prompts without their images: another continuation
+            res["blind"] = generate(model, prompts, torch.arange(4), SamplingParams(temperature=0.0,
+                                                                                   max_new_tokens=NEW_TOKENS),
+                                    groups=groups, vocab_size=VOCAB, seed=0, max_sequence_length=128).responses()
 
         # the rollout as the trainer scores and trains on it: two micro-batches of two rows each
         microbatches = split_rows(sequences_from_rollout(rollout), 2)
@@ -126,6 +142,8 @@ def test_vlm_rollout_scoring_and_training_with_images():
             # KV-cached greedy with images equals full recomputation, rows of every kind
             assert res["cached"][:3] == res["recomputed"], where
             assert res["cached"][3] == res["cached"][1], where  # the shared ImageInputs
+            if "blind" in res:  # the images matter; the text-only row is the same without them
+                assert [res["blind"][b] != res["cached"][b] for b in range(3)] == [True, True, False], where
             assert res["has_pixels"] == [rank == 0 or layout[1] == 1] * 2, where  # first stage only
             if "projector_grad" in res:  # first stage: the projector learns, the frozen tower does not
                 assert all(g is None and main is None for g, main in res["tower_grads"]), where
@@ -135,7 +153,7 @@ def test_vlm_rollout_scoring_and_training_with_images():
                     torch.testing.assert_close(g, ref[name], rtol=1e-4, atol=1e-6, msg=f"{where} {name}")
 
     # the scoring path at TP 2 equals transformers' log-probs of the same tokens and images
-    hf = _hf_model()
+    hf = _sharp_hf_model()
     tokens, logp = ranks[0][(2, 1)]["tokens"], ranks[0][(2, 1)]["logp"]
     for b, (prompt, im) in enumerate(zip(prompts, images)):
         n = len(prompt) + NEW_TOKENS
