@@ -187,3 +187,40 @@ def test_teacher_must_see_the_students_image_layout():
         check_same_image_layout(student, _processor(max_patches=1), messages, images)
     with pytest.raises(ValueError, match="different pixel values"):
         check_same_image_layout(student, _processor(image_mean=[0.5, 0.5, 0.5]), messages, images)
+
+
+def test_merge_reads_only_the_prompts_image_tokens():
+    """A response that samples the image token id keeps it as a token when the rows' image-token
+    counts are given; without them it is a count error, as in transformers."""
+    from megatron_gndpo.models.vlm import VisionLanguageModel
+
+    vlm = VisionLanguageModel(torch.nn.Identity(), None, IMAGE_TOKEN)
+    ids = torch.tensor([[1, IMAGE_TOKEN, IMAGE_TOKEN, 2, IMAGE_TOKEN], [1, 2, IMAGE_TOKEN, 3, 4]])
+    embeds, features = torch.randn(5, 2, 3), torch.randn(2, 3)  # [seq, batch, h]; row 0's two image tokens
+    merged = vlm.merge(ids, embeds, features, torch.tensor([2, 0]))
+    want = embeds.clone()
+    want[1:3, 0] = features
+    assert torch.equal(merged, want)
+    with pytest.raises(ValueError, match="the batch has 4 image tokens but its images make 2 image embeddings"):
+        vlm.merge(ids, embeds, features)
+
+
+def test_attach_images_follows_row_ids_on_the_first_stage_only():
+    from types import SimpleNamespace
+
+    from megatron_gndpo.trainer.images import attach_images
+
+    a = ImageInputs(torch.full((3, 3, 2, 2), 1.0), [8, 4], tiles_per_image=[2, 1])
+    b = ImageInputs(torch.full((1, 3, 2, 2), 2.0), [4], tiles_per_image=[1])
+    per_row = [a, None, b, a]
+    microbatches = [{"tokens": torch.zeros(2, 4, dtype=torch.long), "row_ids": torch.tensor(rows)}
+                    for rows in ([2, 1], [3, 0])]  # rows out of order, as token-budget grouping makes them
+    attach_images(microbatches, per_row, SimpleNamespace(is_first_stage=True))
+    first, second = microbatches
+    assert first["pixel_values"][:, 0, 0, 0].tolist() == [2.0] and first["row_image_tokens"].tolist() == [4, 0]
+    assert first["image_tiles"].tolist() == [1] and first["image_tokens"].tolist() == [4]
+    assert second["pixel_values"].shape[0] == 6 and second["row_image_tokens"].tolist() == [12, 12]
+    assert second["image_tiles"].tolist() == [2, 1, 2, 1] and second["image_tokens"].tolist() == [8, 4, 8, 4]
+    later = [{"tokens": torch.zeros(2, 4, dtype=torch.long), "row_ids": torch.tensor([0, 1])}]
+    attach_images(later, per_row, SimpleNamespace(is_first_stage=False))
+    assert set(later[0]) == {"tokens", "row_ids"}
