@@ -58,31 +58,83 @@ class InternVLVision(torch.nn.Module):
 class VisionLanguageModel(torch.nn.Module):
     """A GPTModel whose prompt may hold images. On the first pipeline stage the image embeddings of
     ``pixel_values`` replace the token embeddings where ``input_ids`` is ``image_token_id``, in
-    reading order (row after row, position after position), as transformers merges them."""
+    reading order (row after row, position after position), as transformers merges them. Later
+    stages see hidden states only, as for a text model."""
 
     def __init__(self, language_model, vision: Optional[InternVLVision], image_token_id: int):
         super().__init__()
         self.language_model, self.vision, self.image_token_id = language_model, vision, image_token_id
 
+    @property
+    def module(self):
+        """The language model. Megatron's schedules and gradient finalisation look attributes up
+        through ``.module`` as through a DDP wrapper (``get_attr_wrapped_model``: ``model_type``,
+        ``decoder``, ``pre_process``, the shared embedding), so they find the GPTModel's."""
+        return self.language_model
+
+    @property
+    def config(self):
+        """The language model's TransformerConfig (what megatron's schedules and the sampler read)."""
+        return self.language_model.config
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def image_features(self, pixel_values: torch.Tensor, image_tiles: Optional[torch.Tensor] = None,
+                       image_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Every image's embeddings ``[image tokens, hidden]``, image after image (first stage only).
+
+        With ``image_tiles`` / ``image_tokens`` ``[images]`` (what the processor cut each image into and
+        how many image tokens it wrote for it) each image's embeddings are checked against its tokens:
+        a processor that tiles differently from this vision tower (another ``image_seq_length``, a
+        teacher whose InternViT has another resolution) is an error naming the image, not a silent
+        shift of every later image."""
+        features = self.vision(pixel_values)
+        if image_tiles is not None and image_tokens is not None:
+            per_tile = features.shape[0] // max(int(image_tiles.sum()), 1)
+            for k, (tiles, tokens) in enumerate(zip(image_tiles.tolist(), image_tokens.tolist())):
+                if tiles * per_tile != tokens:
+                    raise ValueError(f"image {k} of the batch: the prompt holds {tokens} image tokens for its "
+                                     f"{tiles} tiles, but this vision tower makes {per_tile} embeddings per tile "
+                                     "(the processor and the model disagree on the image-token layout)")
+        return features
+
+    def merge(self, input_ids: torch.Tensor, embeds: torch.Tensor, features: torch.Tensor,
+              row_image_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings ``[seq, batch, h]`` with ``features`` ``[n, h]`` written at the ``n`` image
+        tokens of ``input_ids`` ``[batch, seq]``, read row after row. With ``row_image_tokens`` ``[batch]``
+        (the image tokens of each row's prompt) only the first that many of a row are images: a sampled
+        response that holds the image token id keeps it as a token, since every prompt token precedes
+        the response."""
+        mask = input_ids == self.image_token_id
+        if row_image_tokens is not None:
+            mask &= mask.cumsum(dim=1) <= row_image_tokens[:, None]
+        if int(mask.sum()) != features.shape[0]:
+            raise ValueError(f"the batch has {int(mask.sum())} image tokens but its images make {features.shape[0]} "
+                             "image embeddings")
+        # batch-major like input_ids, so the k-th image token gets the k-th embedding
+        merged = embeds.transpose(0, 1).masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
+        return merged.transpose(0, 1).contiguous()
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask,
-                pixel_values: Optional[torch.Tensor] = None, **kwargs):
+                pixel_values: Optional[torch.Tensor] = None, image_tiles: Optional[torch.Tensor] = None,
+                image_tokens: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None,
+                row_image_tokens: Optional[torch.Tensor] = None, **kwargs):
         """``input_ids`` [batch, seq]; ``pixel_values`` every image of the batch, in the order their
-        image tokens appear in ``input_ids`` read row after row (None: no images)."""
+        image tokens appear in ``input_ids`` read row after row (None: no images); ``image_tiles`` /
+        ``image_tokens`` [images] to check each image's layout (:meth:`image_features`);
+        ``row_image_tokens`` [batch] as in :meth:`merge`."""
+        if image_grid_thw is not None:
+            raise NotImplementedError("image_grid_thw: Qwen2.5-VL models are not built yet (InternVL only)")
         if self.vision is None or pixel_values is None:
             return self.language_model(input_ids, position_ids, attention_mask, **kwargs)
         if self.language_model.config.sequence_parallel:
             raise NotImplementedError("images with sequence parallelism: the embeddings would be merged into "
                                       "sequence shards")
         embeds = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)  # [seq, batch, h]
-        images = self.vision(pixel_values)
-        mask = input_ids == self.image_token_id
-        if int(mask.sum()) != images.shape[0]:
-            raise ValueError(f"the batch has {int(mask.sum())} image tokens but its images make {images.shape[0]} "
-                             "image embeddings")
-        # batch-major like input_ids, so the k-th image token gets the k-th embedding
-        merged = embeds.transpose(0, 1).masked_scatter(mask.unsqueeze(-1), images.to(embeds.dtype))
+        features = self.image_features(pixel_values, image_tiles, image_tokens)
         return self.language_model(input_ids, position_ids, attention_mask,
-                                   decoder_input=merged.transpose(0, 1).contiguous(), **kwargs)
+                                   decoder_input=self.merge(input_ids, embeds, features, row_image_tokens), **kwargs)
 
 
 def internvl_language_config(hf_config) -> ModelConfig:

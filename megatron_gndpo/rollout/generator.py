@@ -10,6 +10,12 @@ is needed.
 With pipeline parallelism each stage receives the previous stage's hidden states, runs its layers
 (with their own cache) and sends on; the last stage samples and broadcasts the new token ids over
 the pipeline group.
+
+Prompts with images (a ``VisionLanguageModel``): the first stage runs the vision tower once per
+rollout and every forward over prompt positions -- the prefill and the forced prompt tokens of longer
+rows alike -- enters the language model as ``decoder_input``, image embeddings at the prompt's image
+tokens and token embeddings elsewhere (:class:`_PromptImages`). Later stages receive hidden states,
+never images.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_gndpo.data.vision import ImageInputs
 from megatron_gndpo.distributed.init import ProcessGroups
+from megatron_gndpo.models.vlm import VisionLanguageModel
 from megatron_gndpo.ops.vocab_parallel import vocab_parallel_logprobs
 from megatron_gndpo.rollout.sampling import vocab_parallel_sample
 
@@ -110,9 +118,60 @@ def _fp8_off(model):
             c.fp8 = saved[k]
 
 
-def _stage_forward(model, tokens: torch.Tensor, start: int, context, groups: ProcessGroups) -> Optional[torch.Tensor]:
+class _PromptImages:
+    """The rollout's image embeddings on the first pipeline stage and the prompt positions they fill.
+
+    The vision tower runs once, on every distinct ``ImageInputs`` object of the batch (the n samples of
+    a prompt share theirs), without gradients. Image positions are the prompt positions ``t < p_b``
+    holding the image token, read row after row as ``VisionLanguageModel.merge`` reads them, so a
+    sampled token that happens to be the image token stays a token."""
+
+    def __init__(self, model: VisionLanguageModel, tokens: torch.Tensor, plen: torch.Tensor,
+                 images: Sequence[Optional[ImageInputs]]):
+        if len(images) != tokens.shape[0]:
+            raise ValueError(f"generate() got {len(images)} rows of images for {tokens.shape[0]} prompts")
+        if any(im is not None for im in images) and (not isinstance(model, VisionLanguageModel)
+                                                     or model.vision is None):
+            raise ValueError("prompts with images need a VisionLanguageModel with its vision tower (first stage)")
+        distinct = list({id(im): im for im in images if im is not None}.values())
+        features = {}
+        if distinct:
+            tiles = [im.tiles_per_image for im in distinct]
+            out = model.image_features(
+                torch.cat([im.pixel_values for im in distinct]).to(tokens.device),
+                image_tiles=torch.tensor(sum(tiles, [])) if all(t is not None for t in tiles) else None,
+                image_tokens=torch.tensor([n for im in distinct for n in im.tokens_per_image]))
+            features = dict(zip(map(id, distinct), out.split([sum(im.tokens_per_image) for im in distinct])))
+        t = torch.arange(tokens.shape[1], device=tokens.device)
+        # a text model's prompts hold no image token
+        image_token = model.image_token_id if isinstance(model, VisionLanguageModel) else -1
+        mask = (tokens == image_token) & (t[None, :] < plen[:, None])  # [B, total]
+        for b, im in enumerate(images):
+            made = features[id(im)].shape[0] if im is not None else 0
+            if int(mask[b].sum()) != made:
+                raise ValueError(f"prompt row {b} holds {int(mask[b].sum())} image tokens but its images make "
+                                 f"{made} image embeddings")
+        # [image tokens, h], row after row like the positions below
+        self.features = torch.cat([features[id(im)] for im in images if im is not None]) if features else None
+        self.rows, self.positions = mask.nonzero(as_tuple=True)  # [image tokens] each, row-major
+
+    def decoder_input(self, language_model, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """``[s, B, h]`` for positions ``start..start+s`` of ``tokens`` ``[B, s]``: the token embeddings,
+        with the image embeddings of the image positions among them."""
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
+        embeds = language_model.embedding(input_ids=tokens, position_ids=positions)  # [s, B, h]
+        if self.features is None:
+            return embeds
+        here = (self.positions >= start) & (self.positions < start + tokens.shape[1])
+        embeds[self.positions[here] - start, self.rows[here]] = self.features[here].to(embeds.dtype)
+        return embeds
+
+
+def _stage_forward(model, tokens: torch.Tensor, start: int, context, groups: ProcessGroups,
+                   images: Optional[_PromptImages] = None) -> Optional[torch.Tensor]:
     """One pipeline pass over ``tokens`` ``[B, s]`` (positions ``start..start+s``); the last stage
-    returns the sharded logits of the final position ``[B, V/tp]``, the others None."""
+    returns the sharded logits of the final position ``[B, V/tp]``, the others None. With ``images``
+    (first stage) the input enters as their ``decoder_input``."""
     b, s = tokens.shape
     config = model.config
     if not groups.is_first_stage:
@@ -120,8 +179,9 @@ def _stage_forward(model, tokens: torch.Tensor, start: int, context, groups: Pro
         dist.recv(hidden, src=_pp_neighbour(groups, -1), group=groups.pp)
         model.set_input_tensor(hidden)
     positions = torch.arange(start, start + s, device=tokens.device).expand(b, s)
+    decoder_input = images.decoder_input(model, tokens, start) if images is not None else None
     with _sharded_last_position_logits(model):
-        out = model(tokens, positions, None, inference_context=context)
+        out = model(tokens, positions, None, decoder_input=decoder_input, inference_context=context)
     if not groups.is_last_stage:
         dist.send(out.contiguous(), dst=_pp_neighbour(groups, +1), group=groups.pp)
         return None
@@ -139,15 +199,21 @@ def generate(
     vocab_size: int,
     seed: int,
     max_sequence_length: int,
+    images: Optional[Sequence[Optional[ImageInputs]]] = None,
 ) -> Rollout:
     """Sample one response per prompt (repeat a prompt for n samples).
 
     ``rows`` ``[B]`` are the rows' global indices in the step: with ``seed`` they key the sampling
     noise, so a row's response does not depend on the layout or on which rank holds it. Every rank
     of the model-parallel group calls this with the same prompts; all return the same ``Rollout``.
+
+    ``images``: one entry per prompt, its ``ImageInputs`` (``PromptDataset.image_inputs``) or None
+    for a text-only row; ``model`` is then a ``VisionLanguageModel``. Only the first pipeline stage
+    reads them. Rows sharing one ``ImageInputs`` object share one run of the vision tower.
     """
     from megatron.core.inference.contexts import StaticInferenceContext
 
+    vlm, model = model, model.language_model if isinstance(model, VisionLanguageModel) else model
     if getattr(model.config, "sequence_parallel", False):
         raise ValueError("the megatron rollout engine does not support parallel.sequence_parallel "
                          "(single-token decode steps cannot be split along the sequence)")
@@ -173,14 +239,16 @@ def generate(
         if groups.is_last_stage and params.temperature > 0 else None
     last_src = dist.get_global_rank(groups.pp, groups.pp_size - 1)
 
-    was_training = model.training
-    model.eval()
+    was_training = vlm.training
+    vlm.eval()
     context = StaticInferenceContext(b, total)
     prev, cur = 0, int(plen.min())
     try:
+        prompt_images = _PromptImages(vlm, tokens, plen, images) \
+            if images is not None and groups.is_first_stage else None
         with _fp8_off(model):
             while cur < total and not bool(done.all()):
-                logits = _stage_forward(model, tokens[:, prev:cur], prev, context, groups)
+                logits = _stage_forward(model, tokens[:, prev:cur], prev, context, groups, prompt_images)
                 context.sequence_len_offset += cur - prev
                 if groups.is_last_stage:
                     nxt = vocab_parallel_sample(
@@ -205,7 +273,7 @@ def generate(
                 done |= hit_eos | (generating & (resp_len >= params.max_new_tokens))
                 prev, cur = cur, cur + 1
     finally:
-        model.train(was_training)
+        vlm.train(was_training)
     end = int((plen + resp_len).max())
     truncated = resp_len >= params.max_new_tokens
     if eos.numel():

@@ -126,8 +126,10 @@ def training_batch(rollout: Rollout, *, step: int, multiple: int, pad_token_id: 
 
 
 def split_rows(batch: MicroBatch, size: int) -> List[MicroBatch]:
-    n = next(iter(batch.values())).shape[0]
-    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+    """Consecutive micro-batches of ``size`` rows; ``row_ids`` ``[b]`` are their rows' indices in ``batch``."""
+    n = batch["tokens"].shape[0]
+    rows = torch.arange(n, device=batch["tokens"].device)
+    return [{**{k: v[i:i + size] for k, v in batch.items()}, "row_ids": rows[i:i + size]} for i in range(0, n, size)]
 
 
 def attach(microbatches: List[MicroBatch], **per_row: torch.Tensor) -> None:

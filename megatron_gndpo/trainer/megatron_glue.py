@@ -20,6 +20,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 from megatron_gndpo.ops.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+from megatron_gndpo.trainer.images import IMAGE_KEYS
 
 # (logits_shard [b, T, V/tp], micro-batch) -> (scalar loss, metrics)
 LossFn = Callable[[torch.Tensor, Dict[str, torch.Tensor]], "tuple[torch.Tensor, Dict[str, torch.Tensor]]"]
@@ -47,8 +48,10 @@ class LogitsReadout:
 
 
 def model_forward(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits shard ``[b, T, V/tp]`` on the last stage, hidden states on the others."""
-    return model(batch["tokens"], batch["position_ids"], None)
+    """Logits shard ``[b, T, V/tp]`` on the last stage, hidden states on the others. A vision-language
+    model's micro-batch brings its images on the first stage (``trainer/images.py``)."""
+    images = {k: batch[k] for k in IMAGE_KEYS if k in batch}
+    return model(batch["tokens"], batch["position_ids"], None, **images)
 
 
 def run_schedule(
