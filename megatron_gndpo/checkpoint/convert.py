@@ -198,7 +198,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, *, overw
                                f"not use: {[language[k] for k in unexpected[:5]]}")
             get = _finite_get(lambda key: hf.get(language.get(key, key)))
             # the vision side is small next to the language model (InternViT-300M: 0.6 GB in bf16): read whole
-            vision_tensors = {name: _finite_get(hf.get)(key) for name, key in vision.items()}
+            vision_tensors = {name: get(key) for name, key in vision.items()}
             if family is not None:
                 check_vision_tensors(hf_config, {name: t.shape for name, t in vision_tensors.items()},
                                      lambda name: internvl_hf_name(naming, "vision", name))
@@ -259,9 +259,8 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, family: Optional[str] = None,
     A converted InternVL checkpoint becomes an InternVL directory again: its original config.json,
     the language model under InternVL's names, the vision side as stored, the processor files; every
     tensor bit-exact with the directory it was converted from (in the stored dtype)."""
-    from megatron_gndpo.models.vlm import internvl_hf_name
-
     from megatron_gndpo.data.tokenizer import check_tokenizer_fits, load_tokenizer
+    from megatron_gndpo.models.vlm import internvl_hf_name
 
     ckpt = resolve_checkpoint(ckpt_dir)
     tok_dir = Path(tokenizer) if tokenizer is not None else ckpt / TOKENIZER_DIR
@@ -274,10 +273,12 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, family: Optional[str] = None,
                 raise ValueError(f"{ckpt} is a {vision['family']} vision-language checkpoint; --family {family} "
                                  "would drop its vision side")
             family = vision["family"]
-        family = family or meta.get("hf_architecture") or ("qwen3" if cfg.qk_layernorm else
-                                                           "qwen2" if cfg.attention_bias else "llama")
-        if family not in HF_FAMILIES and vision is None:
-            raise ValueError(f"unknown Hugging Face architecture {family!r}; supported: {', '.join(HF_FAMILIES)}")
+        else:
+            family = family or meta.get("hf_architecture") or ("qwen3" if cfg.qk_layernorm else
+                                                               "qwen2" if cfg.attention_bias else "llama")
+            if family not in HF_FAMILIES:
+                raise ValueError(f"unknown Hugging Face architecture {family!r}; supported: "
+                                 f"{', '.join(HF_FAMILIES)}")
         tok = None
         if _has_tokenizer(tok_dir):
             tok = load_tokenizer(str(tok_dir))

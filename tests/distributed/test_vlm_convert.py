@@ -158,6 +158,12 @@ def test_internvl_conversion_round_trips_and_loads_at_every_layout(tmp_path):
         naming, part, name = internvl_part(key)
         assert naming == "files" and internvl_hf_name("files", part, name) == key
         assert torch.equal(modules[internvl_hf_name("modules", part, name)], t), key
+    # this model ties lm_head to the embedding (InternVLConfig's default), so its files have none; an untied
+    # one's is transformers' "^language_model.lm_head" -> "lm_head" renaming
+    assert not any("lm_head" in k for k in original) and hf.config.tie_word_embeddings
+    for naming, key in (("files", "language_model.lm_head.weight"), ("modules", "lm_head.weight")):
+        assert internvl_part(key) == (naming, "language", "lm_head.weight")
+        assert internvl_hf_name(naming, "language", "lm_head.weight") == key
 
     got = run_distributed(_convert_all, 1, args=(str(tmp_path),), timeout_s=240)[0]
     vision_keys = [k for k in original if k.startswith(("vision_tower.", "multi_modal_projector."))]
