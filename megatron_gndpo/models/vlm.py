@@ -19,7 +19,6 @@ import torch
 from megatron_gndpo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
 
 
-
 class InternVLVision(torch.nn.Module):
     """Tiles -> image embeddings in the language model's width: ``InternVLModel.get_image_features``
     with transformers' modules (the feature layer, the class token dropped, pixel shuffle by
@@ -99,8 +98,7 @@ INTERNVL_NAMES = {
 }
 """The two namings of ``InternVLForConditionalGeneration``'s tensors: (language model prefix, output
 layer, vision-side prefix). ``modules``: its modules' (``state_dict()``); ``files``: its checkpoint
-files' (transformers' ``save_pretrained`` writes the earlier layout, as the Hub's InternVL ``-HF``
-models have it, and renames on load)."""
+files' (transformers' ``save_pretrained`` writes this earlier layout and renames it on load)."""
 VISION_MODULES = ("vision_tower.", "multi_modal_projector.")
 """The vision side's names in ``InternVLVision`` (without a naming's vision-side prefix)."""
 
