@@ -43,6 +43,8 @@ from megatron_gndpo.checkpoint.hf_mapping import (hf_config_from_model, hf_tenso
 from megatron_gndpo.checkpoint.integrity import (EXPORT_FILE, RECORD_FILES, check_output_dir, checkpoint_problem,
                                                  file_manifest, read_record, replace_dir, verify_checkpoint)
 from megatron_gndpo.checkpoint.megatron_io import MegatronCheckpointReader, write_megatron_checkpoint
+from megatron_gndpo.checkpoint.vision import (check_vision_tensors, copy_vision_weights, read_vision_weights,
+                                              vision_family, vision_record, write_vision_weights)
 from megatron_gndpo.config.schema import ModelConfig, ParallelConfig
 
 log = logging.getLogger(__name__)
@@ -141,37 +143,81 @@ def _verify_output(out: Path, verify: bool) -> None:
         verify_checkpoint(out, hashes=True)
 
 
+def _split_vision(keys: Sequence[str]) -> Tuple[str, Dict[str, str], Dict[str, str]]:
+    """An InternVL checkpoint's tensor names -> (their naming, text-checkpoint name -> checkpoint name
+    of each language-model tensor, ``InternVLVision`` name -> checkpoint name of each vision-side
+    one). Unknown names, or both namings in one checkpoint, are an error naming them."""
+    from megatron_gndpo.models.vlm import internvl_part
+
+    parts: Dict[str, Dict[str, str]] = {"language": {}, "vision": {}}
+    namings, unknown = {}, []
+    for key in keys:
+        try:
+            naming, part, name = internvl_part(key)
+        except KeyError:
+            unknown.append(key)
+            continue
+        parts[part][name] = key
+        namings.setdefault(naming, key)
+    if unknown:
+        raise KeyError(f"InternVL checkpoint has tensors that are neither the language model's nor the vision "
+                       f"side's: {sorted(unknown)[:5]}")
+    if len(namings) != 1:
+        raise KeyError(f"InternVL checkpoint mixes two namings of its tensors: {sorted(namings.values())}")
+    return next(iter(namings)), parts["language"], parts["vision"]
+
+
 def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, *, overwrite: bool = False,
                    verify: bool = False) -> Dict[str, object]:
-    """HF directory -> megatron dist-checkpoint (+ ``tokenizer/``) for a TP x PP layout."""
+    """HF directory -> megatron dist-checkpoint (+ ``tokenizer/``) for a TP x PP layout. An InternVL
+    directory's language model converts as a text model does; its vision side, its config and its
+    processor files are stored beside it (checkpoint/vision.py)."""
     from transformers import AutoConfig
+
+    from megatron_gndpo.models.vlm import internvl_hf_name, internvl_language_config
 
     hf_path = Path(hf_dir)
     with _staged_output(out_dir, [hf_path], overwrite) as out:
         if not (hf_path / "config.json").is_file():
             raise FileNotFoundError(f"{hf_dir} has no config.json")
+        raw_config = json.loads((hf_path / "config.json").read_text())
+        family = vision_family(raw_config)
         hf_config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
-        cfg = model_config_from_hf(hf_config)
+        cfg = model_config_from_hf(hf_config) if family is None else internvl_language_config(hf_config)
         padded = _check_layout(cfg, tp, pp)
         # An earlier export of ours says what its weights should be; its JSON files a user may have edited.
         if read_record(hf_path) is not None:
             verify_checkpoint(hf_path, hashes=True, only=_is_weight_file)
         with HFCheckpointReader(hf_path) as hf:
-            ignorable = {k for k in hf.keys() if ignorable_hf_key(k, cfg)}
-            unexpected = sorted(set(hf.keys()) - set(hf_tensor_shapes(cfg)) - ignorable)
+            naming, language, vision = ((None, {k: k for k in hf.keys()}, {}) if family is None
+                                        else _split_vision(hf.keys()))
+            ignorable = {k for k in language if ignorable_hf_key(k, cfg)}
+            unexpected = sorted(set(language) - set(hf_tensor_shapes(cfg)) - ignorable)
             if unexpected:
                 raise KeyError(f"Hugging Face checkpoint has tensors this {cfg.num_hidden_layers}-layer config does "
-                               f"not use: {unexpected[:5]}")
-            get = _finite_get(hf.get)
+                               f"not use: {[language[k] for k in unexpected[:5]]}")
+            get = _finite_get(lambda key: hf.get(language.get(key, key)))
+            # the vision side is small next to the language model (InternViT-300M: 0.6 GB in bf16): read whole
+            vision_tensors = {name: get(key) for name, key in vision.items()}
+            if family is not None:
+                check_vision_tensors(hf_config, {name: t.shape for name, t in vision_tensors.items()},
+                                     lambda name: internvl_hf_name(naming, "vision", name))
+            extra = {} if family is None else {"vision": vision_record(raw_config, hf_config, naming)}
             parts = _parts(cfg, lambda: non_layer_from_hf(get, cfg, padded), lambda i: layer_from_hf(get, cfg, i),
                            "converting layers")
             written = write_megatron_checkpoint(out, cfg, tp, pp, parts, tokenizer=hf_path,
                                                 hf_architecture=hf_config.model_type,
-                                                conversion=_conversion("hf-to-megatron", hf_path))
+                                                conversion=_conversion("hf-to-megatron", hf_path),
+                                                add_files=(lambda d: write_vision_weights(d, vision_tensors))
+                                                if vision else None, **extra)
         _verify_output(out, verify)
-    return {"tensors": written["tensors"], "parameters": sum(n for _, n in _hf_numels(cfg)), "padded_vocab": padded,
-            "dtype": written["dtype"], "tokenizer_files": _tokenizer_files(hf_path),
-            "layout": {"tp": tp, "pp": pp}}
+    summary = {"tensors": written["tensors"], "parameters": sum(n for _, n in _hf_numels(cfg)),
+               "padded_vocab": padded, "dtype": written["dtype"], "tokenizer_files": _tokenizer_files(hf_path),
+               "layout": {"tp": tp, "pp": pp}}
+    if family is not None:
+        summary.update(family=family, vision_tensors=len(vision_tensors),
+                       vision_parameters=sum(t.numel() for t in vision_tensors.values()))
+    return summary
 
 
 def _hf_numels(cfg: ModelConfig) -> List[Tuple[str, int]]:
@@ -208,18 +254,31 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, family: Optional[str] = None,
     config.json and generation_config.json with the tokenizer's bos / eos / pad ids, sharded
     safetensors with ``model.safetensors.index.json``, and the tokenizer files (the checkpoint's
     ``tokenizer/``, or ``tokenizer``, a directory, when given). Every file of the checkpoint is
-    checked against its recorded hash first."""
+    checked against its recorded hash first.
+
+    A converted InternVL checkpoint becomes an InternVL directory again: its original config.json,
+    the language model under InternVL's names, the vision side as stored, the processor files; every
+    tensor bit-exact with the directory it was converted from (in the stored dtype)."""
     from megatron_gndpo.data.tokenizer import check_tokenizer_fits, load_tokenizer
+    from megatron_gndpo.models.vlm import internvl_hf_name
 
     ckpt = resolve_checkpoint(ckpt_dir)
     tok_dir = Path(tokenizer) if tokenizer is not None else ckpt / TOKENIZER_DIR
     inputs = [Path(ckpt_dir), ckpt] + ([tok_dir] if tokenizer is not None else [])
     with _staged_output(out_dir, inputs, overwrite) as out:
         cfg, meta = model_config_from_checkpoint(ckpt), read_meta(ckpt)
-        family = family or meta.get("hf_architecture") or ("qwen3" if cfg.qk_layernorm else
-                                                           "qwen2" if cfg.attention_bias else "llama")
-        if family not in HF_FAMILIES:
-            raise ValueError(f"unknown Hugging Face architecture {family!r}; supported: {', '.join(HF_FAMILIES)}")
+        vision = meta.get("vision")
+        if vision is not None:
+            if family not in (None, vision["family"]):
+                raise ValueError(f"{ckpt} is a {vision['family']} vision-language checkpoint; --family {family} "
+                                 "would drop its vision side")
+            family = vision["family"]
+        else:
+            family = family or meta.get("hf_architecture") or ("qwen3" if cfg.qk_layernorm else
+                                                               "qwen2" if cfg.attention_bias else "llama")
+            if family not in HF_FAMILIES:
+                raise ValueError(f"unknown Hugging Face architecture {family!r}; supported: "
+                                 f"{', '.join(HF_FAMILIES)}")
         tok = None
         if _has_tokenizer(tok_dir):
             tok = load_tokenizer(str(tok_dir))
@@ -234,17 +293,30 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, family: Optional[str] = None,
         src = MegatronCheckpointReader(ckpt)
         dtype = getattr(torch, meta["dtype"]) if "dtype" in meta else src.dtype
         out.mkdir()
-        hf_config = hf_config_from_model(cfg, family, str(dtype).replace("torch.", ""))
-        for key, value in _special_token_ids(tok).items():
-            setattr(hf_config, key, value)  # the family's defaults (Llama: 1 and 2) are another tokenizer's
-        hf_config.save_pretrained(str(out))
+        if vision is None:
+            hf_config = hf_config_from_model(cfg, family, str(dtype).replace("torch.", ""))
+            for key, value in _special_token_ids(tok).items():
+                setattr(hf_config, key, value)  # the family's defaults (Llama: 1 and 2) are another tokenizer's
+            hf_config.save_pretrained(str(out))
+            rename, vision_tensors = (lambda key: key), {}
+        else:
+            (out / "config.json").write_text(json.dumps(vision["hf_config"], indent=2, sort_keys=True) + "\n")
+            naming = vision["hf_names"]
+            vision_tensors = {internvl_hf_name(naming, "vision", name): t
+                              for name, t in read_vision_weights(ckpt).items()}
+            _check_finite(vision_tensors)
+
+            def rename(key: str) -> str:
+                return internvl_hf_name(naming, "language", key)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        writer = HFShardWriter(out, [(key, n * itemsize) for key, n in _hf_numels(cfg)], max_shard_bytes)
+        sizes = [(rename(key), n * itemsize) for key, n in _hf_numels(cfg)]
+        sizes += [(key, t.numel() * t.element_size()) for key, t in vision_tensors.items()]
+        writer = HFShardWriter(out, sizes, max_shard_bytes)
 
         def add(tensors: Mapping[str, torch.Tensor]) -> None:
             _check_finite(tensors)
             for key, t in tensors.items():
-                writer.add(key, t.to(dtype))
+                writer.add(rename(key), t.to(dtype))
 
         with writer.progress:
             non_layer = non_layer_to_hf(src.non_layer(), cfg)
@@ -252,6 +324,8 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, family: Optional[str] = None,
             for i in range(cfg.num_hidden_layers):
                 add(layer_to_hf(src.layer(i), cfg, i))
             add(non_layer)
+            for key, t in vision_tensors.items():
+                writer.add(key, t)  # in its stored dtype
         summary = writer.finish()
         copied = copy_tokenizer(tok_dir, out)
         if tok is not None:
@@ -267,7 +341,8 @@ def reshard(in_dir: str, out_dir: str, tp: int = 1, pp: int = 1, *, overwrite: b
             verify: bool = False) -> Dict[str, object]:
     """Re-save the weights of a dist-checkpoint (weights-only or a training checkpoint, or the one a
     checkpoint root's ``latest`` names) for another TP x PP layout (vocabulary padding follows the
-    new TP). Every file of the input is checked against its recorded hash first."""
+    new TP). Every file of the input is checked against its recorded hash first; a vision-language
+    checkpoint's vision side is copied unchanged."""
     ckpt = resolve_checkpoint(in_dir)
     with _staged_output(out_dir, [Path(in_dir), ckpt], overwrite) as out:
         cfg = model_config_from_checkpoint(ckpt)
@@ -289,10 +364,14 @@ def reshard(in_dir: str, out_dir: str, tp: int = 1, pp: int = 1, *, overwrite: b
             return tensors
 
         parts = _parts(cfg, non_layer, layer, "resharding layers")
-        extra = {k: src.meta[k] for k in ("hf_architecture",) if k in src.meta}
+        extra = {k: src.meta[k] for k in ("hf_architecture", "vision") if k in src.meta}
+        if "vision" in extra:  # replicated, layout-free: copied as it is, once checked
+            _check_finite(read_vision_weights(ckpt), " (vision side)")
         tokenizer = ckpt / TOKENIZER_DIR
         written = write_megatron_checkpoint(out, cfg, tp, pp, parts, conversion=_conversion("reshard", ckpt),
-                                            tokenizer=tokenizer if tokenizer.is_dir() else None, **extra)
+                                            tokenizer=tokenizer if tokenizer.is_dir() else None,
+                                            add_files=(lambda d: copy_vision_weights(ckpt, d))
+                                            if "vision" in extra else None, **extra)
         _verify_output(out, verify)
     return {"tensors": written["tensors"], "layout": {"tp": tp, "pp": pp}, "from": src.layout,
             "tokenizer_files": _tokenizer_files(tokenizer), "source": str(ckpt)}
@@ -336,7 +415,9 @@ def add_arguments(parser) -> None:
     p = sub.add_parser("megatron-to-hf", help="megatron dist-checkpoint -> Hugging Face directory")
     p.add_argument("--megatron", required=True, help="a checkpoint, or a checkpoint root (follows its `latest`)")
     p.add_argument("--out", required=True)
-    p.add_argument("--family", choices=sorted(HF_FAMILIES), default=None)
+    p.add_argument("--family", choices=sorted(HF_FAMILIES), default=None,
+                   help="the text family to write (default: the one converted from); a vision-language "
+                        "checkpoint is always written as its own family")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory to export with the model (default: the checkpoint's tokenizer/)")

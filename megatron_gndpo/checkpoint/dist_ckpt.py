@@ -25,7 +25,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -40,8 +40,12 @@ from megatron_gndpo.config.schema import ModelConfig
 
 log = logging.getLogger(__name__)
 
+# A vision-language model's processor files (image processor, processor config, its chat template) travel
+# with the tokenizer's: data/vision.py's load_vision_processor reads both from one directory.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json",
+                   "preprocessor_config.json", "processor_config.json", "chat_template.json",
+                   "video_preprocessor_config.json")
 
 
 def _barrier() -> None:
@@ -84,10 +88,15 @@ def write_meta(path: str | os.PathLike, model: ModelConfig, parallel_layout: Dic
     os.replace(tmp, Path(path) / META_FILE)
 
 
-def load_model_weights(model, path: str | os.PathLike, model_config: ModelConfig, role: str) -> None:
+def load_model_weights(model, path: str | os.PathLike, model_config: ModelConfig, role: str, *,
+                       vision_language: bool = False) -> None:
     """Weights of ``model`` (one pipeline stage, any TP x PP) from a checkpoint written at any layout
     (or the one a checkpoint root's ``latest`` names). Collective. Every file's size is checked first,
     and its content hash with ``MEGATRON_GNDPO_VERIFY_HASHES=1``.
+
+    A vision-language checkpoint is refused unless ``vision_language`` (its caller, models/vlm.py's
+    ``load_internvl_checkpoint``, loads the vision side too): a text model loaded from it would drop
+    its vision tower without a word.
 
     A checkpoint whose vocabulary was padded for another TP loads as well: megatron marks the
     embedding and output layer ``allow_shape_mismatch``, so the stored rows that fit are read
@@ -95,6 +104,11 @@ def load_model_weights(model, path: str | os.PathLike, model_config: ModelConfig
     from megatron.core import dist_checkpointing
 
     path = resolve_checkpoint(path)
+    vision = read_meta(path).get("vision")
+    if vision is not None and not vision_language:
+        raise ValueError(f"{role} checkpoint {path} is a vision-language ({vision.get('family')}) checkpoint: loading "
+                         "its language model alone would drop its vision tower; build it with "
+                         "megatron_gndpo.models.vlm.load_internvl_checkpoint")
     verify_checkpoint(path, hashes=hashes_requested())
     check_architecture(path, model_config, role)
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
@@ -111,11 +125,13 @@ def _refuse_foreign(*paths: Path) -> None:
 
 
 def _save_atomically(state: Dict[str, Any], final: Path, model_config: ModelConfig, layout: Dict[str, int], *,
-                     tokenizer: Optional[str | os.PathLike] = None, **extra) -> None:
+                     tokenizer: Optional[str | os.PathLike] = None,
+                     add_files: Optional[Callable[[Path], None]] = None, **extra) -> None:
     """Collective: write ``state`` (and the files of ``tokenizer``, a tokenizer directory, under
-    ``tokenizer/``) to ``final.tmp`` (a stale one is replaced), add the metadata with the file
-    manifest, and rename it to ``final`` only when every rank is done. An existing ``final`` is
-    replaced only when it holds nothing but megatron-gndpo's own files."""
+    ``tokenizer/``; and what ``add_files``, called on rank 0 with the directory, writes there) to
+    ``final.tmp`` (a stale one is replaced), add the metadata with the file manifest, and rename it
+    to ``final`` only when every rank is done. An existing ``final`` is replaced only when it holds
+    nothing but megatron-gndpo's own files."""
     from megatron.core import dist_checkpointing
 
     tmp = Path(f"{final}.tmp")
@@ -131,6 +147,8 @@ def _save_atomically(state: Dict[str, Any], final: Path, model_config: ModelConf
         if not copy_tokenizer(tokenizer, tmp / TOKENIZER_DIR):
             log.warning("tokenizer directory %s has none of %s: %s gets no tokenizer", tokenizer,
                         ", ".join(TOKENIZER_FILES), final)
+    if _rank0() and add_files is not None:
+        add_files(tmp)
     _barrier()
     manifest = file_manifest(tmp)
     if _rank0():
@@ -140,10 +158,13 @@ def _save_atomically(state: Dict[str, Any], final: Path, model_config: ModelConf
 
 
 def save_sharded_weights(sharded_state_dict: Dict[str, Any], path: str | os.PathLike, model_config: ModelConfig,
-                         layout: Dict[str, int], *, tokenizer: Optional[str | os.PathLike] = None, **extra) -> None:
+                         layout: Dict[str, int], *, tokenizer: Optional[str | os.PathLike] = None,
+                         add_files: Optional[Callable[[Path], None]] = None, **extra) -> None:
     """A weights-only dist-checkpoint from a model's sharded state dict (collective), written to
-    ``path.tmp`` and renamed; ``tokenizer``: a tokenizer directory whose files go under ``tokenizer/``."""
-    _save_atomically({"model": sharded_state_dict}, Path(path), model_config, layout, tokenizer=tokenizer, **extra)
+    ``path.tmp`` and renamed; ``tokenizer``: a tokenizer directory whose files go under ``tokenizer/``;
+    ``add_files``: writes further files (a vision tower's) into the directory before its manifest."""
+    _save_atomically({"model": sharded_state_dict}, Path(path), model_config, layout, tokenizer=tokenizer,
+                     add_files=add_files, **extra)
 
 
 def save_model_weights(model, path: str | os.PathLike, model_config: ModelConfig, layout: Dict[str, int], *,

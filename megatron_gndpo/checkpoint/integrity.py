@@ -35,9 +35,11 @@ VERIFY_HASHES_ENV = "MEGATRON_GNDPO_VERIFY_HASHES"
 # A checkpoint's tokenizer copy is part of it even when written after its manifest (the tokenizer of a
 # checkpoint saved without one is added later, data/tokenizer.py's save_checkpoint_tokenizer).
 CHECKPOINT_TOKENIZER_FILES = "tokenizer/*"
-# What a dist-checkpoint without a manifest holds (megatron's torch_dist files and our tokenizer copy):
+# What a dist-checkpoint without a manifest holds (megatron's torch_dist files, our tokenizer copy and a
+# vision-language model's vision/ weights):
 # a save in progress, or one written before manifests existed, is recognised as ours by these names.
-UNRECORDED_OWN_FILES = ("*.distcp", ".metadata", "common.pt", "metadata.json", CHECKPOINT_TOKENIZER_FILES)
+UNRECORDED_OWN_FILES = ("*.distcp", ".metadata", "common.pt", "metadata.json", CHECKPOINT_TOKENIZER_FILES,
+                        "vision/*")
 
 
 def hashes_requested() -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -183,12 +183,14 @@ class _ScratchFile:
 
 def write_megatron_checkpoint(out_dir: str | Path, cfg: ModelConfig, tp: int, pp: int,
                               parts: Iterable[Tuple[Optional[int], Mapping[str, torch.Tensor]]], *,
-                              tokenizer: Optional[str | Path] = None, **meta) -> Dict[str, object]:
+                              tokenizer: Optional[str | Path] = None,
+                              add_files: Optional[Callable[[Path], None]] = None, **meta) -> Dict[str, object]:
     """A weights-only dist-checkpoint for a TP x PP layout from ``parts``: (None, the non-layer
     tensors, vocabulary padded for ``tp``) and (layer i, stacked key -> tensor) in any order, each
     dropped once staged. Every tensor the model has must be supplied (a missing one is named); the
     stored dtype is recorded in the metadata, the files of ``tokenizer`` (a directory) go under
-    ``tokenizer/``. Returns the number of tensors written and that dtype."""
+    ``tokenizer/``; ``add_files`` writes further files into the checkpoint before its manifest (a
+    vision-language model's vision side). Returns the number of tensors written and that dtype."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch_path = out.parent / f".{out.name}.scratch"
@@ -213,7 +215,8 @@ def write_megatron_checkpoint(out_dir: str | Path, cfg: ModelConfig, tp: int, pp
         if staged:
             raise KeyError(f"tensors the {cfg.num_hidden_layers}-layer model does not have: "
                            f"{sorted(map(str, staged))[:5]}")
-        save_sharded_weights(sharded, out, cfg, {"tp": tp, "pp": pp}, tokenizer=tokenizer, **{**meta, "dtype": dtype})
+        save_sharded_weights(sharded, out, cfg, {"tp": tp, "pp": pp}, tokenizer=tokenizer, add_files=add_files,
+                             **{**meta, "dtype": dtype})
         return {"tensors": tensors, "dtype": dtype}
     finally:
         scratch.close()

@@ -18,10 +18,6 @@ import torch
 
 from megatron_gndpo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
 
-LM_PREFIX = "model.language_model."
-"""Where ``InternVLForConditionalGeneration`` keeps its language model (``lm_head`` sits at the top)."""
-VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
-
 
 class InternVLVision(torch.nn.Module):
     """Tiles -> image embeddings in the language model's width: ``InternVLModel.get_image_features``
@@ -148,22 +144,50 @@ def internvl_language_config(hf_config) -> ModelConfig:
     return dataclasses.replace(cfg, tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)))
 
 
+INTERNVL_NAMES = {
+    "modules": ("model.language_model.", "lm_head.weight", "model."),
+    "files": ("language_model.model.", "language_model.lm_head.weight", ""),
+}
+"""The two namings of ``InternVLForConditionalGeneration``'s tensors: (language model prefix, output
+layer, vision-side prefix). ``modules``: its modules' (``state_dict()``); ``files``: its checkpoint
+files' (transformers' ``save_pretrained`` writes this earlier layout and renames it on load)."""
+VISION_MODULES = ("vision_tower.", "multi_modal_projector.")
+"""The vision side's names in ``InternVLVision`` (without a naming's vision-side prefix)."""
+
+
+def internvl_part(key: str) -> Tuple[str, str, str]:
+    """Where an ``InternVLForConditionalGeneration`` tensor (either naming) belongs: (its naming,
+    "language", its name in a text checkpoint: ``model.*`` / ``lm_head.weight``) or (its naming,
+    "vision", its name in ``InternVLVision``). An unknown key is a KeyError naming it."""
+    for naming, (lm, head, vision) in INTERNVL_NAMES.items():
+        if key.startswith(lm):
+            return naming, "language", "model." + key[len(lm):]
+        if key == head:
+            return naming, "language", "lm_head.weight"
+        if key.startswith(tuple(vision + m for m in VISION_MODULES)):
+            return naming, "vision", key[len(vision):]
+    raise KeyError(f"InternVL checkpoint tensor {key!r} is neither the language model's nor the vision side's")
+
+
+def internvl_hf_name(naming: str, part: str, name: str) -> str:
+    """The inverse of :func:`internvl_part`: the name of a language-model (text checkpoint name) or
+    vision-side (``InternVLVision`` name) tensor in ``naming``."""
+    lm, head, vision = INTERNVL_NAMES[naming]
+    if part == "vision":
+        return vision + name
+    return head if name == "lm_head.weight" else lm + name[len("model."):]
+
+
 def split_internvl_state_dict(hf: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor],
                                                                         Dict[str, torch.Tensor]]:
-    """An ``InternVLForConditionalGeneration`` state dict -> (the language model's, under the text
-    checkpoints' names ``model.*`` / ``lm_head.weight``; the vision side's, under
-    ``InternVLVision``'s names). An unknown key is an error naming it."""
-    lm, vision = {}, {}
+    """An ``InternVLForConditionalGeneration`` state dict or checkpoint file (either naming) -> (the
+    language model's, under the text checkpoints' names ``model.*`` / ``lm_head.weight``; the vision
+    side's, under ``InternVLVision``'s names). An unknown key is an error naming it."""
+    parts: Dict[str, Dict[str, torch.Tensor]] = {"language": {}, "vision": {}}
     for key, tensor in hf.items():
-        if key.startswith(LM_PREFIX):
-            lm["model." + key[len(LM_PREFIX):]] = tensor
-        elif key == "lm_head.weight":
-            lm[key] = tensor
-        elif key.startswith(VISION_PREFIXES):
-            vision[key[len("model."):]] = tensor
-        else:
-            raise KeyError(f"InternVL checkpoint tensor {key!r} is neither the language model's nor the vision side's")
-    return lm, vision
+        _, part, name = internvl_part(key)
+        parts[part][name] = tensor
+    return parts["language"], parts["vision"]
 
 
 def build_internvl_model(hf_config, parallel: ParallelConfig, precision: PrecisionConfig, *, pre_process: bool,
@@ -196,3 +220,27 @@ def load_internvl_hf_weights(model: VisionLanguageModel, hf: Mapping[str, torch.
     load_global_weights(model.language_model, hf_to_global(lm, cfg, cfg.padded_vocab_size(tp)))
     if model.vision is not None:
         model.vision.load_state_dict(vision, strict=True)
+
+
+def load_internvl_checkpoint(path, parallel: ParallelConfig, precision: PrecisionConfig, *, pre_process: bool,
+                             post_process: bool, train_vision_tower: bool = False,
+                             role: str = "model") -> VisionLanguageModel:
+    """This pipeline stage's InternVL model from a converted checkpoint (``megatron-gndpo convert
+    hf-to-megatron`` of an InternVL directory, or a checkpoint root whose ``latest`` names one), at
+    any TP x PP. Collective over the world, like :func:`~megatron_gndpo.checkpoint.dist_ckpt.load_model_weights`.
+
+    The InternVL config comes from the checkpoint's metadata (no Hugging Face directory needed); the
+    language model's shards load through megatron's dist-checkpoint loader, resharded to this layout;
+    the vision side (first stage only) from the checkpoint's ``vision/`` safetensors, whole. Every
+    file's size is checked first (content hashes with ``MEGATRON_GNDPO_VERIFY_HASHES=1``)."""
+    from megatron_gndpo.checkpoint.dist_ckpt import load_model_weights, resolve_checkpoint
+    from megatron_gndpo.checkpoint.vision import internvl_config, read_vision_weights
+
+    ckpt = resolve_checkpoint(path)
+    hf_config = internvl_config(ckpt)
+    model = build_internvl_model(hf_config, parallel, precision, pre_process=pre_process, post_process=post_process,
+                                 train_vision_tower=train_vision_tower)
+    load_model_weights(model.language_model, ckpt, internvl_language_config(hf_config), role, vision_language=True)
+    if model.vision is not None:
+        model.vision.load_state_dict(read_vision_weights(ckpt), strict=True)
+    return model

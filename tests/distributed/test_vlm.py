@@ -14,12 +14,12 @@ TOKENS_PER_TILE = 4  # 28 x 28 tiles of 7 x 7 patches: 16 positions, pixel shuff
 TILES = (3, 1)  # two images of different sizes: 2 tiles + thumbnail, and one tile
 
 
-def _hf_model():
+def _hf_model(vocab_size: int = 64):
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   image_size=[28, 28], patch_size=[7, 7])
-    text = dict(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    text = dict(model_type="qwen2", vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, downsample_ratio=0.5)
     torch.manual_seed(0)
