@@ -31,7 +31,7 @@ DEFAULT_CONFIG = REPO / "examples" / "configs" / "demo.yaml"
 # The student's warm-up stops mid-course, at a constant rate: a student annealed to a standstill (cosine
 # to zero) first gets worse when training resumes with a fresh optimizer, one in mid-course does not.
 SFT = {"teacher": {"steps": 1000, "lr": 3e-3, "decay": "cosine"},
-       "student": {"steps": 500, "lr": 2e-3, "decay": "constant"}}
+       "student": {"steps": 600, "lr": 2e-3, "decay": "constant"}}
 ESTIMATORS = ("gndpo", "opd")
 # Threads of the one-process warm-ups: fixed rather than "all cores" so that the weights, and so every
 # number after them, do not depend on how many cores the machine has; one, because two threads on two
