@@ -44,6 +44,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--decay", choices=("cosine", "constant"), default="cosine",
+                        help="learning rate after the warm-up: cosine decay to zero, or constant")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch CPU threads (fixed, so that the weights do not depend on the core count)")
     parser.add_argument("--out", required=True)
@@ -70,7 +72,8 @@ def main(argv=None):
     inputs = hashlib.sha256(Path(__file__).read_bytes())
     for path in (*cfg.data.train_files, *cfg.data.val_files):
         inputs.update(Path(path).read_bytes())
-    recipe = {"role": args.role, "steps": args.steps, "batch": args.batch, "lr": args.lr, "threads": args.threads,
+    recipe = {"role": args.role, "steps": args.steps, "batch": args.batch, "lr": args.lr, "decay": args.decay,
+              "threads": args.threads,
               "model": dataclasses.asdict(arch), "seed": cfg.seed, "inputs": inputs.hexdigest()}
     meta = Path(args.out) / META_FILE
     if meta.is_file() and json.loads(meta.read_text()).get("recipe") == recipe:
@@ -87,7 +90,7 @@ def main(argv=None):
                           post_process=groups.is_last_stage)
     # cosine decay to zero: the last steps settle the weights, which reaches a given accuracy in far fewer
     # steps than a constant rate
-    optim = OptimConfig(lr=args.lr, weight_decay=0.0, clip_grad=1.0, lr_decay_style="cosine",
+    optim = OptimConfig(lr=args.lr, weight_decay=0.0, clip_grad=1.0, lr_decay_style=args.decay,
                         lr_warmup_steps=min(50, args.steps // 10))
     optimizer = build_optimizer(optim, cfg.precision, cfg.parallel, model)
     scheduler = build_scheduler(optim, optimizer, args.steps)

@@ -44,7 +44,8 @@ def test_demo_replaces_only_its_own_run_directories(tmp_path):
 
 def _warm_up(out: Path) -> dict:
     cmd = [sys.executable, "examples/arithmetic/train_sft.py", "--config", "examples/configs/demo.yaml", "--role",
-           "student", "--steps", "3", "--batch", "16", "--out", str(out), "parallel.tensor_model_parallel_size=1"]
+           "student", "--steps", "3", "--batch", "16", "--decay", demo.SFT["student"]["decay"], "--threads",
+           str(demo.SFT_THREADS), "--out", str(out), "parallel.tensor_model_parallel_size=1"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
