@@ -99,8 +99,10 @@ def thd_params(cu_seqlens: torch.Tensor):
 def rotary_at_positions(gpt, position_ids: torch.Tensor):
     """While inside, ``gpt``'s rotary embedding (``[s, 1, 1, d]``, for positions 0..s-1) is read at
     ``position_ids`` ``[1, s]`` instead: megatron-core's GPTModel takes RoPE positions from the sequence
-    length alone (``position_ids`` only feed learned absolute embeddings), and a packed row restarts them
-    for every sequence. One row only: the embedding has no batch dimension."""
+    length alone (``position_ids`` only feed learned absolute embeddings). RoPE scores depend on relative
+    positions only, so a sequence shifted inside a packed row attends the same up to rounding; restarting
+    its positions at 0 makes the rounding that of its padded row too (the angles ``p * inv_freq`` lose
+    float32 precision as ``p`` grows). One row only: the embedding has no batch dimension."""
     if position_ids.shape[0] != 1:
         raise ValueError(f"rotary positions are per token of one packed row, got position_ids "
                          f"{tuple(position_ids.shape)}")
