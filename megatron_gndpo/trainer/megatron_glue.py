@@ -20,7 +20,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch.distributed import ProcessGroup
 
-from megatron_gndpo.ops.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+from megatron_gndpo.ops.vocab_parallel import (
+    fused_linear_logprobs,
+    vocab_parallel_entropy,
+    vocab_parallel_logprobs,
+)
 from megatron_gndpo.trainer.batches import gather_rows
 
 # (logits_shard [b, T, V/tp], micro-batch) -> (scalar loss, metrics)
@@ -42,6 +46,12 @@ class LogitsReadout:
     def logprobs(self, logits_shard: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_logprobs(logits_shard, labels, group=self.group, temperature=self.temperature,
                                        vocab_size=self.vocab_size)
+
+    def fused_logprobs(self, hidden: torch.Tensor, weight_shard: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """:meth:`logprobs` of the logits ``hidden @ weight_shard^T``, never whole: the LM head is applied
+        ``[chunk, V/tp]`` at a time (``fused_linear_logprobs``)."""
+        return fused_linear_logprobs(hidden, weight_shard, labels, group=self.group, temperature=self.temperature,
+                                     vocab_size=self.vocab_size)
 
     def entropy(self, logits_shard: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_entropy(logits_shard, group=self.group, temperature=self.temperature,
@@ -176,3 +186,36 @@ def forward_outputs(model, microbatches: Sequence[Dict[str, torch.Tensor]], coll
     on the last pipeline stage, {} on the others."""
     out = run_schedule(model, microbatches, collect_fn=collect_fn, forward_only=True)
     return {k: gather_rows([o[k] for o in out], microbatches) for k in out[0]} if out else {}
+
+
+@contextlib.contextmanager
+def lm_head_bypassed(gpt):
+    """While inside, ``gpt`` (last stage) returns its final hidden states ``[b, s, h]`` where it returned
+    logits (its output layer passes its input through); yields the output weight shard ``[V/tp, h]`` the
+    layer would have applied (the embedding's when tied), None on other stages. megatron-core 0.16 and
+    0.19 both call ``output_layer(hidden, weight=..., runtime_gather_output=...)`` and return its first
+    output transposed to batch-first, which is all this relies on."""
+    if not gpt.post_process:
+        yield None
+        return
+    layer = gpt.output_layer
+    layer.forward = lambda hidden, weight=None, runtime_gather_output=None: (hidden, None)
+    try:
+        yield gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else layer.weight
+    finally:
+        del layer.forward
+
+
+@torch.no_grad()
+def forward_logprobs(model, microbatches: Sequence[Dict[str, torch.Tensor]], readout: LogitsReadout,
+                     key: str) -> Dict[str, torch.Tensor]:
+    """``{key: [B, T]}``: the log-probs of the micro-batches' labels under ``model`` on the last stage ({}
+    elsewhere), like :func:`forward_outputs` with ``readout.logprobs``, but the ``[b, T, V/tp]`` logits are
+    never whole: the final hidden states meet the LM head chunk by chunk (:meth:`LogitsReadout.fused_logprobs`).
+    With sequence parallelism the output layer would first gather the sequence: the logits path serves it."""
+    gpt = getattr(model, "module", model)
+    if gpt.config.sequence_parallel:
+        return forward_outputs(model, microbatches, lambda logits, mb: {key: readout.logprobs(logits, mb["labels"])})
+    with lm_head_bypassed(gpt) as weight:
+        return forward_outputs(model, microbatches,
+                               lambda hidden, mb: {key: readout.fused_logprobs(hidden, weight, mb["labels"])})

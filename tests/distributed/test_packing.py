@@ -2,7 +2,9 @@
 (1,1,1), (2,1,1), (1,2,1), (1,1,2) (the last three one after the other in one two-process world, to
 spawn less) runs step 1 three ways -- fixed-size padded micro-batches (today),
 token-budget ones, packed rows -- from the same weights (the optimizer's update is held back and each
-mini-batch's gradients recorded instead): same gradients, losses and statistics (float32)."""
+mini-batch's gradients recorded instead): same gradients, losses and statistics (float32). Scoring
+through the fused LM head + log-prob (logits never whole) equals the model's logits read by
+``vocab_parallel_logprobs``, padded and packed, on every layout."""
 
 from __future__ import annotations
 
@@ -56,8 +58,30 @@ def _one_step_each_way(tmp, tp, pp):
         grads.clear()
         metrics = train_step(trainer, 1)
         out[way] = {"metrics": metrics if trainer.is_logging_rank else None, "grads": list(grads)}
+    out["fused_error"] = _fused_scoring_error(trainer)
     trainer.close(destroy_process_group=False)
     return out
+
+
+def _fused_scoring_error(trainer):
+    """Largest |fused - unfused| log-prob of both models over padded and packed micro-batches of prompts
+    of 3..11 tokens (last stage; None elsewhere)."""
+    from megatron_gndpo.trainer.batches import form_microbatches, sequences_from_prompts
+    from megatron_gndpo.trainer.megatron_glue import forward_logprobs, forward_outputs
+
+    readout = trainer.student.readout
+    ids = [[(7 * i + j) % 13 + 1 for j in range(3 + i % 9)] for i in range(6)]
+    batch = sequences_from_prompts(ids, 0, trainer.groups.device)
+    error = None  # every stage runs every forward (a pipeline's stages talk); the last one compares
+    for pack in (False, True):
+        mbs = form_microbatches(batch, mini_batches=1, micro_batch_size=2, max_tokens=16 if pack else None,
+                                pack=pack, multiple=1, pad_token_id=0)
+        for model in (trainer.teacher.model, trainer.student.module):
+            fused = forward_logprobs(model, mbs, readout, "lp")
+            plain = forward_outputs(model, mbs, lambda logits, mb: {"lp": readout.logprobs(logits, mb["labels"])})
+            if fused:
+                error = max(error or 0.0, float((fused["lp"] - plain["lp"]).abs().max()))
+    return error
 
 
 @pytest.mark.parametrize("world,layouts", [(1, [(1, 1)]), (2, [(2, 1), (1, 2), (1, 1)])], ids=["111", "211-121-112"])
@@ -69,6 +93,7 @@ def test_budget_and_packed_steps_equal_the_padded_step(tmp_path, world, layouts)
         out = [rank[i] for rank in per_rank]
         logged = next(o for o in out if o["padded"]["metrics"] is not None)
         ref = logged["padded"]["metrics"]
+        assert max(o["fused_error"] for o in out if o["fused_error"] is not None) < 1e-5, layout
         for way in ("budget", "packed"):
             for key in COMPARED:
                 assert logged[way]["metrics"][key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), (layout, way, key)
