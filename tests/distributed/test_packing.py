@@ -88,7 +88,7 @@ def _fused_scoring_error(trainer):
 def test_budget_and_packed_steps_equal_the_padded_step(tmp_path, world, layouts):
     """Tolerances: gradients atol 1e-6 (their scale is ~1e-2), metrics rel 1e-5 / abs 1e-6: only the float32
     summation order differs (micro-batch grouping, attention and matmuls over other widths)."""
-    per_rank = run_distributed(_layouts, world, args=(str(tmp_path), layouts))
+    per_rank = run_distributed(_layouts, world, args=(str(tmp_path), layouts), timeout_s=300)
     for i, layout in enumerate(layouts):
         out = [rank[i] for rank in per_rank]
         logged = next(o for o in out if o["padded"]["metrics"] is not None)
