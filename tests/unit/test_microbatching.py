@@ -96,3 +96,17 @@ def test_without_a_budget_the_micro_batches_are_today_s():
                             pad_token_id=0)
     assert [mb["row_ids"].tolist() for mb in mbs] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert all(mb["tokens"].shape == (2, 32) for mb in mbs)
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    (["trainer.max_tokens_per_microbatch=10"], "must hold the longest row"),  # 8 + 4 - 1 = 11 positions
+    (["trainer.pack_sequences=true", "data.images=process"], "no place for image"),
+    (["trainer.pack_sequences=true", "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+     "needs Transformer Engine"),
+])
+def test_config_refuses_what_packing_cannot_do(tmp_path, overrides, reason):
+    from tests.trainer_setup import run_config
+
+    with pytest.raises(ValueError, match=reason):
+        run_config(tmp_path, overrides)
+    run_config(tmp_path, ["trainer.max_tokens_per_microbatch=11", "trainer.pack_sequences=true"])
