@@ -17,6 +17,9 @@ work whatever else runs on the machine). Variants:
                  padded to its own longest row)
   packed         ``trainer.pack_sequences`` with the same budget (one packed row per micro-batch,
                  block-diagonal causal mask on the local spec)
+  packed-1row    packed rows of at most the longest row's length: the local spec's masked attention
+                 computes every ``[L, L]`` score of a packed row (the mask skips nothing), so shorter
+                 packed rows cost less attention; Transformer Engine's THD kernels skip the masked blocks
 The default budget is the tokens of one of today's micro-batches (``--micro-batch-size`` x the longest row),
 so no variant's micro-batch computes more tokens than today's.
 
@@ -48,7 +51,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from megatron_gndpo.config.schema import ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig  # noqa: E402
 
 PRECISION = PrecisionConfig(params_dtype="float32", transformer_impl="local")
-VARIANTS = ("padded-logits", "padded", "budget", "packed")
+VARIANTS = ("padded-logits", "padded", "budget", "packed", "packed-1row")
 
 
 def model_config(args, vocab: int) -> ModelConfig:
@@ -77,9 +80,11 @@ def microbatches(batch, variant: str, args):
     from megatron_gndpo.trainer.batches import form_microbatches
 
     budget = args.budget or args.micro_batch_size * batch["tokens"].shape[1]
+    if variant == "packed-1row":
+        budget = batch["tokens"].shape[1]
     return form_microbatches(batch, mini_batches=1, micro_batch_size=args.micro_batch_size,
-                             max_tokens=None if variant.startswith("padded") else budget, pack=variant == "packed",
-                             multiple=1, pad_token_id=0)
+                             max_tokens=None if variant.startswith("padded") else budget,
+                             pack=variant.startswith("packed"), multiple=1, pad_token_id=0)
 
 
 def timed(fn, repeats: int) -> float:
