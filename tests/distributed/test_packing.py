@@ -1,10 +1,10 @@
 """Token-budget and packed micro-batches give today's step. One trainer per layout (TP, PP, DP) =
 (1,1,1), (2,1,1), (1,2,1), (1,1,2) (the last three one after the other in one two-process world, to
-spawn less) runs step 1 three ways -- fixed-size padded micro-batches (today),
-token-budget ones, packed rows -- from the same weights (the optimizer's update is held back and each
-mini-batch's gradients recorded instead): same gradients, losses and statistics (float32). Scoring
-through the fused LM head + log-prob (logits never whole) equals the model's logits read by
-``vocab_parallel_logprobs``, padded and packed, on every layout."""
+spawn less; (1,1,1) with both local core attentions, SDPA and megatron's) runs step 1 three ways --
+fixed-size padded micro-batches (today), token-budget ones, packed rows -- from the same weights (the
+optimizer's update is held back and each mini-batch's gradients recorded instead): same gradients, losses
+and statistics (float32). Scoring through the fused LM head + log-prob (logits never whole) equals the
+model's logits read by ``vocab_parallel_logprobs``, padded and packed, on every layout."""
 
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ WAYS = {  # max_position_embeddings 16: rows of at most 8 + 4 - 1 = 11 positions
 
 
 def _layouts(groups, tmp, layouts):
-    return [_one_step_each_way(tmp, tp, pp) for tp, pp in layouts]
+    return [_one_step_each_way(tmp, tp, pp, attention) for tp, pp, attention in layouts]
 
 
-def _one_step_each_way(tmp, tp, pp):
+def _one_step_each_way(tmp, tp, pp, attention):
     import dataclasses
 
     from megatron_gndpo.distributed.init import destroy_parallel
@@ -40,7 +40,8 @@ def _one_step_each_way(tmp, tp, pp):
 
     write_prompts(Path(tmp) / "train.parquet")
     cfg = run_config(Path(tmp), [f"parallel.tensor_model_parallel_size={tp}",
-                                 f"parallel.pipeline_model_parallel_size={pp}", f"trainer.output_dir={tmp}/run"])
+                                 f"parallel.pipeline_model_parallel_size={pp}", f"trainer.output_dir={tmp}/run",
+                                 f"precision.local_attention={attention}"])
     destroy_parallel(destroy_process_group=False)
     trainer = Trainer(cfg)  # random weights: the three ways start from the same ones
     student, order = trainer.student, trainer.order.state_dict()
@@ -84,7 +85,10 @@ def _fused_scoring_error(trainer):
     return error
 
 
-@pytest.mark.parametrize("world,layouts", [(1, [(1, 1)]), (2, [(2, 1), (1, 2), (1, 1)])], ids=["111", "211-121-112"])
+@pytest.mark.parametrize("world,layouts", [
+    (1, [(1, 1, "sdpa"), (1, 1, "megatron")]),  # both local core attentions take the packed mask
+    (2, [(2, 1, "sdpa"), (1, 2, "sdpa"), (1, 1, "sdpa")]),
+], ids=["111", "211-121-112"])
 def test_budget_and_packed_steps_equal_the_padded_step(tmp_path, world, layouts):
     """Tolerances: gradients atol 1e-6 (their scale is ~1e-2), metrics rel 1e-5 / abs 1e-6: only the float32
     summation order differs (micro-batch grouping, attention and matmuls over other widths)."""
