@@ -363,7 +363,19 @@ class TrainerConfig:
     mini_batches: int = 1
     """Optimizer steps per rollout (reference: 1, fully on-policy)."""
     micro_batch_size: int = 4
-    """Responses per forward/backward pass on one rank."""
+    """Responses per forward/backward pass on one rank (unless ``max_tokens_per_microbatch`` is set)."""
+    max_tokens_per_microbatch: Optional[int] = None
+    """Form the micro-batches of scoring and training by a token budget instead of ``micro_batch_size``:
+    each mini-batch's rows, longest first, go into the first micro-batch whose computed tokens (rows x
+    its longest row, or the packed length with ``pack_sequences``) stay within it (first-fit decreasing).
+    Each micro-batch is padded only to its own longest row. None: ``micro_batch_size`` rows, padded to
+    the step's longest. Results do not depend on it (every loss normaliser is global to the step)."""
+    pack_sequences: bool = False
+    """Scoring and training lay several responses end to end in one row per micro-batch (positions
+    restart per response, attention block-diagonal causal), so no padding is computed; the packed row
+    holds at most ``max_tokens_per_microbatch`` tokens (default ``micro_batch_size`` x the step's longest
+    row). Transformer Engine runs it through megatron-core's THD path, the local spec through an explicit
+    attention mask. The rollout is unchanged."""
     output_dir: str = "outputs/run"
     """Metrics (JSONL, TensorBoard) and, unless ``save_dir`` is set, checkpoints go here."""
     save_dir: Optional[str] = None
@@ -400,6 +412,8 @@ class TrainerConfig:
             _check(getattr(self, name) >= 1, f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("save_interval", "val_interval"):
             _check(getattr(self, name) >= 0, f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.max_tokens_per_microbatch is None or self.max_tokens_per_microbatch >= 1,
+               f"trainer.max_tokens_per_microbatch must be >= 1 or null, got {self.max_tokens_per_microbatch}")
         _check(self.keep_checkpoints is None or self.keep_checkpoints >= 1,
                f"trainer.keep_checkpoints must be >= 1 or null, got {self.keep_checkpoints}")
 
@@ -449,6 +463,7 @@ class RunConfig:
                    f"data.max_prompt_length ({self.data.max_prompt_length}) + rollout.max_new_tokens "
                    f"({self.rollout.max_new_tokens}) = {longest} exceeds {role}.max_position_embeddings "
                    f"({model.max_position_embeddings})")
+        self._check_packing()
         # no ModelConfig has a vision tower yet: the models and the trainer take images in later parts of
         # docs/multimodal.md, so a run with images is refused here rather than at its first step
         _check(self.data.images != "process",
@@ -458,6 +473,26 @@ class RunConfig:
         # Teacher and student may differ in vocab_size and padding; that they share one tokenizer is
         # checked with the tokenizer files, at Trainer init (check_same_vocabulary, check_checkpoint_tokenizers).
 
+
+    def _check_packing(self) -> None:
+        """What token budgets and packed rows need: one response fits a micro-batch's budget, and packing
+        has a way to mask attention (not with images, whose tokens the packed layout does not place; not
+        sequence parallelism on the local spec, whose RoPE positions are re-read per packed row)."""
+        tc = self.trainer
+        longest = self.data.max_prompt_length + self.rollout.max_new_tokens - 1
+        _check(tc.max_tokens_per_microbatch is None or tc.max_tokens_per_microbatch >= longest,
+               f"trainer.max_tokens_per_microbatch ({tc.max_tokens_per_microbatch}) must hold the longest row, "
+               f"data.max_prompt_length + rollout.max_new_tokens - 1 = {longest} tokens")
+        if not tc.pack_sequences:
+            return
+        _check(self.data.images != "process",
+               "trainer.pack_sequences=true with data.images=process: packed rows have no place for image "
+               "inputs; set trainer.pack_sequences=false (trainer.max_tokens_per_microbatch still applies)")
+        for role, precision in (("precision", self.precision), ("teacher.precision", self.teacher.precision)):
+            _check(not (self.parallel.sequence_parallel and precision.transformer_impl == "local"),
+                   f"trainer.pack_sequences=true with parallel.sequence_parallel needs Transformer Engine "
+                   f"(megatron-core's THD path), but {role}.transformer_impl='local': the local spec's packed mask "
+                   "and per-sequence RoPE positions run without sequence parallelism")
 
     def _check_teacher_comparisons(self) -> None:
         """Full-vocabulary comparisons with the teacher (a divergence term or vopd's KL without top_k)

@@ -13,7 +13,14 @@ from megatron_gndpo.config.schema import ModelConfig, OptimConfig, ParallelConfi
 from megatron_gndpo.distributed.collectives import all_reduce
 from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.models.provider import build_gpt_model, params_dtype
-from megatron_gndpo.trainer.megatron_glue import CollectFn, LogitsReadout, LossFn, forward_outputs, run_schedule
+from megatron_gndpo.trainer.megatron_glue import (
+    CollectFn,
+    LogitsReadout,
+    LossFn,
+    forward_logprobs,
+    forward_outputs,
+    run_schedule,
+)
 from megatron_gndpo.trainer.rank_logging import rank0_logger
 
 log0 = rank0_logger(__name__)
@@ -111,7 +118,11 @@ class Student:
     def score(self, microbatches: List[MicroBatch], *extra: CollectFn) -> Dict[str, torch.Tensor]:
         """``old_logprobs`` ``[B, T]`` of the micro-batches' labels under the current weights (the PPO / GSPO
         "old" policy), read like the teacher's, and what each ``extra`` reads off the same logits (vopd's
-        per-token KL to the teacher); on the last stage, {} elsewhere."""
+        per-token KL to the teacher); on the last stage, {} elsewhere. Without ``extra`` the logits are never
+        whole (the LM head chunk by chunk)."""
+        if not extra:
+            return forward_logprobs(self.module, microbatches, self.readout, "old_logprobs")
+
         def collect(logits_shard, mb):
             kept = {"old_logprobs": self.readout.logprobs(logits_shard, mb["labels"])}
             for fn in extra:

@@ -15,7 +15,7 @@ from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.models.provider import build_gpt_model
 from megatron_gndpo.models.quantization import logprob_error, quantize_teacher
 from megatron_gndpo.ops.vocab_parallel import vocab_parallel_topk_logprobs
-from megatron_gndpo.trainer.megatron_glue import LogitsReadout, forward_outputs, model_forward
+from megatron_gndpo.trainer.megatron_glue import LogitsReadout, forward_logprobs, forward_outputs, model_forward
 from megatron_gndpo.trainer.rank_logging import last_rank_logger, rank0_logger
 
 log0, log_last = rank0_logger(__name__), last_rank_logger(__name__)
@@ -87,6 +87,7 @@ class Teacher:
                  *, calibration: Optional[Tuple[List[MicroBatch], List[MicroBatch]]] = None, role: str = "teacher",
                  top_k: Optional[int] = None):
         self.groups, self.readout, self.role, self.top_k = groups, readout, role, top_k
+        self.quantized = bool(cfg.quantize)  # ModelOpt may quantise the output layer: read its logits then
         offload = cfg.offload and groups.device.type == "cuda"
         self.model = build_teacher(cfg, parallel, pre_process=groups.is_first_stage,
                                    post_process=groups.is_last_stage, cpu_initialization=True if offload else None)
@@ -113,6 +114,8 @@ class Teacher:
 
     def _outputs(self, model, microbatches: List[MicroBatch]) -> Dict[str, torch.Tensor]:
         r = self.readout
+        if not self.top_k and not self.quantized:  # log-probs alone: the LM head chunk by chunk, logits never whole
+            return forward_logprobs(model, microbatches, r, f"{self.role}_logprobs")
 
         def collect(logits_shard, mb):
             kept = {f"{self.role}_logprobs": r.logprobs(logits_shard, mb["labels"])}

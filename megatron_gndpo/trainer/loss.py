@@ -13,6 +13,7 @@ from torch.distributed import ProcessGroup
 from megatron_gndpo.algorithms.losses import SAMPLED_DIVERGENCES, divergence_loss
 from megatron_gndpo.algorithms.reduce import aggregate, global_normalizer
 from megatron_gndpo.config.schema import AlgorithmConfig
+from megatron_gndpo.trainer.batches import stack_rows
 from megatron_gndpo.trainer.distill import TeacherComparison
 from megatron_gndpo.trainer.megatron_glue import LogitsReadout, LossFn
 
@@ -35,7 +36,7 @@ class UpdateLoss:
     def for_minibatch(self, minibatch: List[MicroBatch]) -> LossFn:
         """Collective over the data-parallel group: the normalisers of ``minibatch``, then its loss function."""
         alg = self.algorithm
-        mask = torch.cat([mb["mask"] for mb in minibatch])
+        mask = stack_rows([mb["mask"] for mb in minibatch])
         normalizer = global_normalizer(mask, alg.loss_agg, self.dp_group)
         n_tokens = global_normalizer(mask, "token-mean", self.dp_group)
 

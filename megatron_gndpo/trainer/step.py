@@ -23,7 +23,14 @@ import torch
 from megatron_gndpo.algorithms.advantages import call_estimator, with_outcome_advantage
 from megatron_gndpo.config.schema import AlgorithmConfig
 from megatron_gndpo.rollout.generator import generate
-from megatron_gndpo.trainer.batches import StepPrompts, attach, mini_batches, split_rows, training_batch
+from megatron_gndpo.trainer.batches import (
+    StepPrompts,
+    attach,
+    form_microbatches,
+    mini_batches,
+    training_batch,
+    widen,
+)
 from megatron_gndpo.trainer.dumps import ROLLOUTS, dump_path, dump_rollout
 from megatron_gndpo.trainer.metrics import (
     PhaseTimer,
@@ -51,7 +58,10 @@ def train_step(t: Trainer, step: int) -> Dict[str, float]:
                                max_sequence_length=cfg.model.max_position_embeddings)
             batch = training_batch(rollout, step=step, multiple=run.sequence_multiple,
                                    pad_token_id=run.sampling.pad_token_id, group=g.dp_cp)
-            microbatches = split_rows(batch, cfg.trainer.micro_batch_size)
+            tc = cfg.trainer  # fixed row counts, or a token budget (padded or packed); rows named by row_ids
+            microbatches = form_microbatches(batch, mini_batches=tc.mini_batches, micro_batch_size=tc.micro_batch_size,
+                                             max_tokens=tc.max_tokens_per_microbatch, pack=tc.pack_sequences,
+                                             multiple=run.sequence_multiple, pad_token_id=run.sampling.pad_token_id)
         with timer("teacher"):  # the student's exact tokens, at teacher.temperature (+ its top-k, when asked)
             scores = t.teacher.score(microbatches)
         if t.reference is not None:
@@ -60,6 +70,7 @@ def train_step(t: Trainer, step: int) -> Dict[str, float]:
         attach(microbatches, **scores)  # the student's phases compare against them
         with timer("old_logprobs"):  # the student's own, the PPO / GSPO "old" policy (+ vopd's KL)
             scores.update(t.student.score(microbatches, *t.scoring_extras))
+            scores = {k: widen(v, batch["mask"].shape[1]) for k, v in scores.items()}  # [B, T] like the batch
         with timer("rewards"):
             rewards = reward_responses(run.tokenizer, run.reward_fn, rollout.responses(), prompts.truths, g.device)
         with timer("advantages"):
