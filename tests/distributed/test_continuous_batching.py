@@ -1,0 +1,71 @@
+"""Continuous batching (rollout/continuous.py): the same rollout as the static sampler for the same seed
+at TP x PP = (1,1), (2,1), (1,2), and a deterministic slot scheduler.
+
+The models run in float64: a row's logits in another batch composition (other batch sizes, a prompt
+prefilled at once instead of forced token by token) differ from the static sampler's in the last bits,
+which at float32 could flip a sampled token where two perturbed logits nearly tie; at float64 such a
+difference stays far below the float32 rounding the sampler applies. Tokens and lengths must then be
+equal, log-probs (float32) equal to 1e-6.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_gndpo.rollout.continuous import SlotScheduler
+from tests import common
+from tests.harness import relayout, run_distributed
+
+# 7 prompts of 1..6 tokens over 3 slots: every slot is refilled, some twice
+PROMPTS = [[5, 9, 2], [11], [4, 8, 15, 16, 23, 42], [7, 7], [30, 31, 32, 33], [60, 61, 62, 63, 64], [99, 1]]
+EOS = [3, 17, 42, 77, 91, 120]  # ~5% of a 128-token vocabulary per draw: responses of 1 to 24 tokens; 42 in a prompt
+
+
+def _both_samplers(groups):
+    from megatron_gndpo.models.provider import build_gpt_model
+    from megatron_gndpo.rollout.continuous import generate_continuous
+    from megatron_gndpo.rollout.generator import SamplingParams, generate
+
+    cfg = common.model_config(vocab_size=128, num_hidden_layers=2, max_position_embeddings=32)
+    params = SamplingParams(temperature=0.9, max_new_tokens=24, eos_token_ids=EOS)
+    rows = torch.arange(len(PROMPTS)) + 10
+    out = {}
+    for tp, pp in ((1, 1), (2, 1), (1, 2)):
+        groups = relayout(tp, pp)
+        model = build_gpt_model(cfg, common.parallel(tp, pp), common.FP32, pre_process=groups.is_first_stage,
+                                post_process=groups.is_last_stage).to(torch.float64)
+        model.config.params_dtype = torch.float64  # the pipeline's hidden-state messages
+        kw = dict(groups=groups, vocab_size=128, seed=7, max_sequence_length=32)
+        static = generate(model, PROMPTS, rows, params, **kw)
+        out[(tp, pp)] = [static] + [generate_continuous(model, PROMPTS, rows, params, decode_slots=slots, **kw)
+                                    for slots in (3, None)]
+    return out
+
+
+@pytest.mark.distributed
+def test_continuous_batching_equals_static_sampler_at_every_layout():
+    for rank, rank_out in enumerate(run_distributed(_both_samplers, 2, timeout_s=120)):
+        for layout, (static, *continuous) in rank_out.items():
+            lengths = static.response_lengths.tolist()
+            assert min(lengths) <= 12 and max(lengths) == 24, lengths  # EOS stops some rows early, not all
+            for slots, got in zip((3, None), continuous):
+                where = f"layout {layout}, rank {rank}, decode_slots={slots}"
+                assert torch.equal(got.tokens, static.tokens), where
+                assert torch.equal(got.prompt_lengths, static.prompt_lengths), where
+                assert torch.equal(got.response_lengths, static.response_lengths), where
+                assert torch.equal(got.truncated, static.truncated), where
+                if static.logprobs is None:
+                    assert got.logprobs is None, where
+                else:
+                    torch.testing.assert_close(got.logprobs, static.logprobs, rtol=0, atol=1e-6, msg=where)
+
+
+def test_slot_scheduler_admits_each_prompt_once_in_order():
+    sched = SlotScheduler(num_prompts=5, num_slots=3)
+    assert sched.admit([2, 0, 1]) == [(0, 0), (1, 1), (2, 2)]
+    assert sched.admit([]) == []
+    assert sched.admit([2, 1]) == [(1, 3), (2, 4)]  # lowest free slot first, prompts in order
+    assert sched.pending == 0 and sched.admit([0, 1, 2]) == []
+    with pytest.raises(ValueError, match="decode slots"):
+        SlotScheduler(num_prompts=1, num_slots=0)
