@@ -10,6 +10,8 @@ equal, log-probs (float32) equal to 1e-6.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -40,6 +42,12 @@ def _both_samplers(groups):
         static = generate(model, PROMPTS, rows, params, **kw)
         out[(tp, pp)] = [static] + [generate_continuous(model, PROMPTS, rows, params, decode_slots=slots, **kw)
                                     for slots in (3, None)]
+    # transformer_impl='auto' passes the config check; the engine refuses other core attention before compute
+    megatron_attention = dataclasses.replace(common.FP32, local_attention="megatron")
+    kw["groups"] = relayout(1, 1)
+    model = build_gpt_model(cfg, common.parallel(1, 1), megatron_attention, pre_process=True, post_process=True)
+    with pytest.raises(ValueError, match="SDPA core attention"):
+        generate_continuous(model, PROMPTS, rows, params, decode_slots=3, **kw)
     return out
 
 
@@ -59,6 +67,21 @@ def test_continuous_batching_equals_static_sampler_at_every_layout():
                     assert got.logprobs is None, where
                 else:
                     torch.testing.assert_close(got.logprobs, static.logprobs, rtol=0, atol=1e-6, msg=where)
+
+
+def test_config_refuses_what_continuous_batching_does_not_serve():
+    from megatron_gndpo.config import load_config
+
+    cfg = load_config(None, ["rollout.continuous_batching=true", "rollout.decode_slots=4"])
+    assert cfg.rollout.continuous_batching and cfg.rollout.decode_slots == 4
+    with pytest.raises(ValueError, match="applies to rollout.continuous_batching=true only"):
+        load_config(None, ["rollout.decode_slots=4"])
+    with pytest.raises(ValueError, match="decode_slots must be >= 1"):
+        load_config(None, ["rollout.continuous_batching=true", "rollout.decode_slots=0"])
+    with pytest.raises(ValueError, match="local_attention='megatron'"):
+        load_config(None, ["rollout.continuous_batching=true", "precision.local_attention=megatron"])
+    with pytest.raises(ValueError, match="does not take images"):
+        load_config(None, ["rollout.continuous_batching=true", "data.images=process"])
 
 
 def test_slot_scheduler_admits_each_prompt_once_in_order():
