@@ -25,7 +25,9 @@ replaced, on that instance only, by :func:`_slot_key_value`, which
 
 and the forward's explicit attention mask hides from slot i every key after its own position, so a
 refilled slot never attends to what its predecessor left in the buffer (those entries are also
-overwritten as the new row grows). Only megatron's self-attention and the project's
+overwritten as the new row grows). Once the queue has drained, a finishing row's slot is filled by
+moving the highest live slot into it (:func:`_compact`), so a decode step always reads the first n KV
+columns as a view, never a gathered copy. Only megatron's self-attention and the project's
 :class:`~megatron_gndpo.models.attention.SDPAttention` (which applies an explicit mask as given) are
 involved, both on CPU.
 
@@ -101,6 +103,7 @@ class SlotInferenceContext(StaticInferenceContext):
     def __init__(self, num_slots: int, max_len: int):
         super().__init__(num_slots, max_len)
         self.slots = torch.zeros(0, dtype=torch.long)
+        self.prefix = True
         self.positions = torch.zeros(0, 0, dtype=torch.long)
 
     def feed(self, slots: torch.Tensor, starts: torch.Tensor, s: int) -> torch.Tensor:
@@ -108,9 +111,17 @@ class SlotInferenceContext(StaticInferenceContext):
         ``starts[i] .. starts[i] + s``. Returns its attention mask ``[n, 1, s, L_k]`` (True = masked):
         key j is hidden from query q of slot i iff ``j > starts[i] + q``."""
         self.slots = slots
+        # the first n slots (a decode step, the live slots kept a prefix by _compact): read as a view
+        self.prefix = bool((slots == torch.arange(slots.numel(), device=slots.device)).all())
         self.positions = starts[None, :] + torch.arange(s, device=starts.device)[:, None]  # [s, n]
         keys = torch.arange(int(self.positions.max()) + 1, device=starts.device)
         return (keys[None, None, :] > self.positions.t()[:, :, None])[:, None]  # [n, 1, s, L_k]
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot ``src``'s keys and values into slot ``dst``, in every layer of this stage."""
+        for memory in self.key_value_memory_dict.values():
+            for t in memory:
+                t[:, dst] = t[:, src]
 
     def kv_memory(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if layer not in self.key_value_memory_dict:
@@ -136,8 +147,8 @@ def _slot_key_value(attention, original: Callable, inference_context, query, key
     key_memory[pos, slots] = key
     value_memory[pos, slots] = value
     l_k = int(pos.max()) + 1
-    if slots.numel() == ctx.max_batch_size:  # the slots are all of them, in order: a view, no copy
-        key, value = key_memory[:l_k], value_memory[:l_k]
+    if ctx.prefix:
+        key, value = key_memory[:l_k, :slots.numel()], value_memory[:l_k, :slots.numel()]
     else:
         key, value = key_memory[:l_k, slots], value_memory[:l_k, slots]
     if rotary_pos_emb is not None:
@@ -245,10 +256,11 @@ def generate_continuous(
                     slot_row[slot] = row
                     cached[slot] = plen[row] - 1
                 _prefill(model, tokens, plen, admitted, context, groups, params.pad_token_id)
+                _compact(slot_row, cached, context)
                 live = [s for s in range(n_slots) if slot_row[s] >= 0]
                 if not live:
                     break
-                slots = torch.tensor(live, device=device)
+                slots = torch.arange(len(live), device=device)
                 live_rows = torch.tensor([slot_row[s] for s in live], device=device)
                 start = cached[slots]  # the input token's position; the new token goes at start + 1
                 mask = context.feed(slots, start, 1)
@@ -281,6 +293,21 @@ def generate_continuous(
         last = tokens.gather(1, (plen + resp_len - 1).clamp_min(0)[:, None])[:, 0]
         truncated &= ~torch.isin(last, eos)
     return Rollout(tokens[:, :end], plen, resp_len, truncated, None if logprobs is None else logprobs[:, :end])
+
+
+def _compact(slot_row: List[int], cached: torch.Tensor, context: SlotInferenceContext) -> None:
+    """Keep the live slots a prefix ``0..n``: once the queue has drained, the highest live slot moves into
+    the lowest free one (its KV column, row and length), so that a decode step reads the first n KV
+    columns as a view instead of gathering them (a copy of the whole live cache per layer and step)."""
+    while True:
+        free = [s for s, r in enumerate(slot_row) if r < 0]
+        live = [s for s, r in enumerate(slot_row) if r >= 0]
+        if not free or not live or free[0] > live[-1]:
+            return
+        src, dst = live[-1], free[0]
+        context.move(src, dst)
+        slot_row[dst], slot_row[src] = slot_row[src], -1
+        cached[dst] = cached[src]
 
 
 def _prefill(model, tokens: torch.Tensor, plen: torch.Tensor, admitted: List[Tuple[int, int]], context,
