@@ -11,6 +11,7 @@ equal, log-probs (float32) equal to 1e-6.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import torch
 from megatron_gndpo.rollout.continuous import SlotScheduler
 from tests import common
 from tests.harness import relayout, run_distributed
+from tests.trainer_setup import run_config, write_prompts
 
 # 7 prompts of 1..6 tokens over 3 slots: every slot is refilled, some twice
 PROMPTS = [[5, 9, 2], [11], [4, 8, 15, 16, 23, 42], [7, 7], [30, 31, 32, 33], [60, 61, 62, 63, 64], [99, 1]]
@@ -51,10 +53,40 @@ def _both_samplers(groups):
     return out
 
 
+def _train_steps(groups, tmp):
+    """One trainer step (DP=2, 8 rows per rank) with the static sampler and with 3 decode slots."""
+    from megatron_gndpo.distributed.init import destroy_parallel
+    from megatron_gndpo.rollout import continuous as engine
+    from megatron_gndpo.trainer.trainer import Trainer
+
+    calls = []
+    sample = engine.generate_continuous
+    engine.generate_continuous = lambda *a, **k: calls.append(k["decode_slots"]) or sample(*a, **k)
+    metrics = {}
+    for continuous in (False, True):
+        overrides = [f"trainer.output_dir={tmp}/run_{continuous}", f"rollout.continuous_batching={continuous}"]
+        cfg = run_config(Path(tmp), overrides + (["rollout.decode_slots=3"] if continuous else []))
+        destroy_parallel(destroy_process_group=False)  # the trainer builds the groups from its own config
+        trainer = Trainer(cfg)
+        metrics[continuous] = trainer.train_step()
+        trainer.close(destroy_process_group=False)
+    assert calls == [3], calls  # the static step did not call it, the continuous one did, once
+    return metrics
+
+
+def _both_samplers_and_a_step(groups, tmp):
+    return _both_samplers(groups), _train_steps(groups, tmp)
+
+
 @pytest.mark.distributed
-def test_continuous_batching_equals_static_sampler_at_every_layout():
-    for rank, rank_out in enumerate(run_distributed(_both_samplers, 2, timeout_s=120)):
-        for layout, (static, *continuous) in rank_out.items():
+def test_continuous_batching_equals_static_sampler_at_every_layout(tmp_path):
+    write_prompts(tmp_path / "train.parquet")
+    for rank, (samplers, steps) in enumerate(run_distributed(_both_samplers_and_a_step, 2, args=(str(tmp_path),),
+                                                             timeout_s=150)):
+        # the step samples through rollout.continuous_batching: the same responses, so the same step
+        for key in ("response/length_mean", "response/length_min", "reward", "actor/policy_loss", "score/mean"):
+            assert steps[True][key] == steps[False][key], (rank, key)
+        for layout, (static, *continuous) in samplers.items():
             lengths = static.response_lengths.tolist()
             assert min(lengths) <= 12 and max(lengths) == 24, lengths  # EOS stops some rows early, not all
             for slots, got in zip((3, None), continuous):
