@@ -71,11 +71,8 @@ class SlotScheduler:
     after, ... until either runs out; every prompt is admitted once. Deterministic, and the same on
     every rank (all ranks see the same finished rows)."""
 
-    def __init__(self, num_prompts: int, num_slots: int):
-        if num_slots < 1:
-            raise ValueError(f"decode slots must be >= 1, got {num_slots}")
+    def __init__(self, num_prompts: int):
         self.num_prompts = num_prompts
-        self.num_slots = num_slots
         self.next_prompt = 0
 
     @property
@@ -226,6 +223,8 @@ def generate_continuous(
         raise ValueError("generate() needs at least one prompt and no empty prompt")
     device = groups.device
     b = len(prompts)
+    if decode_slots is not None and decode_slots < 1:
+        raise ValueError(f"rollout.decode_slots must be >= 1 or None, got {decode_slots}")
     n_slots = b if decode_slots is None else min(decode_slots, b)
     plen = torch.tensor([len(p) for p in prompts], device=device)
     total = int(plen.max()) + params.max_new_tokens
@@ -242,7 +241,7 @@ def generate_continuous(
         if groups.is_last_stage and params.temperature > 0 else None
     last_src = dist.get_global_rank(groups.pp, groups.pp_size - 1)
 
-    scheduler = SlotScheduler(b, n_slots)
+    scheduler = SlotScheduler(b)
     slot_row = [-1] * n_slots  # the row each slot decodes, -1: free
     cached = torch.zeros(n_slots, dtype=torch.long, device=device)  # tokens of the slot's row in its KV cache
     was_training = model.training
