@@ -207,10 +207,12 @@ def generate_continuous(
     seed: int,
     max_sequence_length: int,
     decode_slots: Optional[int] = None,
+    images: Optional[Sequence] = None,
 ) -> Rollout:
     """``generator.generate`` with in-flight batching over ``decode_slots`` slots (None: one per prompt,
     so no slot is refilled but finished rows leave the decode batch): the same arguments and the same
     ``Rollout``, rows in their given order, tokens equal to the static sampler's for the same seed.
+    ``images`` (the static sampler's image rows) is refused unless every row has none.
 
     Per step: the free slots take the next prompts (:class:`SlotScheduler`) and prefill them; then one
     decode forward over the live slots samples position ``len_i`` of each live row i, keyed by
@@ -223,6 +225,9 @@ def generate_continuous(
         raise ValueError("generate() needs at least one prompt and no empty prompt")
     device = groups.device
     b = len(prompts)
+    if images is not None and any(i is not None for i in images):
+        raise ValueError("rollout.continuous_batching does not take images: a slot's prefill feeds token ids, "
+                         "not merged image embeddings; use the static sampler")
     if decode_slots is not None and decode_slots < 1:
         raise ValueError(f"rollout.decode_slots must be >= 1 or None, got {decode_slots}")
     n_slots = b if decode_slots is None else min(decode_slots, b)

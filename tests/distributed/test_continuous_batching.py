@@ -50,6 +50,8 @@ def _both_samplers(groups):
     model = build_gpt_model(cfg, common.parallel(1, 1), megatron_attention, pre_process=True, post_process=True)
     with pytest.raises(ValueError, match="SDPA core attention"):
         generate_continuous(model, PROMPTS, rows, params, decode_slots=3, **kw)
+    with pytest.raises(ValueError, match="does not take images"):
+        generate_continuous(model, PROMPTS, rows, params, images=[None] * 6 + [object()], **kw)
     return out
 
 
