@@ -231,6 +231,14 @@ class RolloutConfig:
     """Top-k sampling (0: off)."""
     max_new_tokens: int = 256
     """Longest response."""
+    continuous_batching: bool = False
+    """In-flight batching (``rollout/continuous.py``): a row that finishes hands its decode slot to the next
+    pending prompt, so the decode batch stays full until the queue drains. The same tokens as the static
+    sampler for the same seed (the sampling noise is keyed on row and position, not on the slot). Needs the
+    local layer spec with SDPA core attention; not with data.images=process."""
+    decode_slots: Optional[int] = None
+    """Rows decoded at a time with ``continuous_batching`` (its KV cache holds this many rows); None: one
+    per row of the rank's batch, so no slot is refilled but finished rows leave the decode batch."""
 
     def __post_init__(self):
         _check(self.engine == "megatron",
@@ -241,6 +249,11 @@ class RolloutConfig:
         _check(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, f"rollout.top_k must be >= 0, got {self.top_k}")
         _check(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(self.decode_slots is None or self.decode_slots >= 1,
+               f"rollout.decode_slots must be >= 1 or null, got {self.decode_slots}")
+        _check(self.decode_slots is None or self.continuous_batching,
+               f"rollout.decode_slots ({self.decode_slots}) applies to rollout.continuous_batching=true only; the "
+               "static sampler decodes every row of the batch at once")
 
 
 @dataclass
@@ -464,6 +477,18 @@ class RunConfig:
                    f"({self.rollout.max_new_tokens}) = {longest} exceeds {role}.max_position_embeddings "
                    f"({model.max_position_embeddings})")
         self._check_packing()
+        # its per-slot attention mask is verified with the project's SDPA core attention only; with
+        # transformer_impl='auto' the engine checks the built model's core attention before its first forward
+        impl, attention = self.precision.transformer_impl, self.precision.local_attention
+        _check(not self.rollout.continuous_batching or (impl != "transformer_engine" and attention == "sdpa"),
+               f"rollout.continuous_batching needs the local layer spec with SDPA core attention "
+               f"(precision.transformer_impl 'local' or 'auto' and precision.local_attention='sdpa'), got "
+               f"transformer_impl={impl!r}, local_attention={attention!r}")
+        # images enter the rollout through the static sampler's forward (generator.py); a slot's prefill
+        # takes token ids only
+        _check(not (self.rollout.continuous_batching and self.data.images == "process"),
+               "rollout.continuous_batching does not take images (data.images=process): its per-slot prefill "
+               "feeds token ids, not merged image embeddings; use the static sampler (continuous_batching=false)")
         # no ModelConfig has a vision tower yet: the models and the trainer take images in later parts of
         # docs/multimodal.md, so a run with images is refused here rather than at its first step
         _check(self.data.images != "process",

@@ -22,7 +22,7 @@ import torch
 
 from megatron_gndpo.algorithms.advantages import call_estimator, with_outcome_advantage
 from megatron_gndpo.config.schema import AlgorithmConfig
-from megatron_gndpo.rollout.generator import generate
+from megatron_gndpo.rollout.continuous import rollout_engine
 from megatron_gndpo.trainer.batches import (
     StepPrompts,
     attach,
@@ -53,9 +53,10 @@ def train_step(t: Trainer, step: int) -> Dict[str, float]:
         with timer("prompts"):  # every rank draws the same global list and keeps its rows
             prompts = t.prompts.next_step()
         with timer("rollout"):  # the student's current weights sample; the sampling noise is keyed by row
-            rollout = generate(t.student.module, prompts.ids, prompts.rows, run.sampling, groups=g,
-                               vocab_size=run.vocab_size, seed=cfg.seed * 1_000_003 + step - 1,
-                               max_sequence_length=cfg.model.max_position_embeddings)
+            sample = rollout_engine(cfg.rollout.continuous_batching, cfg.rollout.decode_slots)
+            rollout = sample(t.student.module, prompts.ids, prompts.rows, run.sampling, groups=g,
+                             vocab_size=run.vocab_size, seed=cfg.seed * 1_000_003 + step - 1,
+                             max_sequence_length=cfg.model.max_position_embeddings)
             batch = training_batch(rollout, step=step, multiple=run.sequence_multiple,
                                    pad_token_id=run.sampling.pad_token_id, group=g.dp_cp)
             tc = cfg.trainer  # fixed row counts, or a token budget (padded or packed); rows named by row_ids
