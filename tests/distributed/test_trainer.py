@@ -188,7 +188,7 @@ def _empty_step(groups, tmp):
         return Rollout(tokens, torch.tensor([len(p) for p in prompts]), zeros, zeros.bool())
 
     trainer = _trainer(groups, _config(tmp, [f"trainer.output_dir={tmp}/empty"]))
-    step_module.generate = nothing
+    step_module.rollout_engine = lambda continuous_batching, decode_slots: nothing
     try:
         trainer.train_step()
     except trainer_module.EmptyStepError as e:
