@@ -15,6 +15,7 @@ from megatron_gndpo.config.schema import RolloutConfig, RunConfig
 from megatron_gndpo.distributed.collectives import all_reduce
 from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.rollout.generator import SamplingParams, generate
+from megatron_gndpo.trainer.images import sampler_images
 from megatron_gndpo.trainer.dumps import response_records, write_gathered
 from megatron_gndpo.trainer.rewards import REWARD_KEYS
 
@@ -44,9 +45,11 @@ def greedy_eval(model, dataset, tokenizer, reward_fn, sampling: SamplingParams, 
     sums = torch.zeros((1 + len(sources), 3), dtype=torch.float64, device=groups.device)
     records = []
     if mine:
+        images = [dataset.image_inputs(i) for i in mine]
         rollout = generate(model, [dataset.prompt_ids(i) for i in mine], torch.tensor(mine, device=groups.device),
                            dataclasses.replace(sampling, temperature=0.0), groups=groups, vocab_size=vocab_size,
-                           seed=0, max_sequence_length=max_sequence_length)
+                           seed=0, max_sequence_length=max_sequence_length,
+                           **sampler_images(images))
         texts = tokenizer.batch_decode(rollout.responses(), skip_special_tokens=True)
         scored = [reward_fn(t, dataset.rows[i].ground_truth) for t, i in zip(texts, mine)]
         sums[0] += torch.tensor([len(mine), sum(s["reward"] for s in scored), sum(s["acc"] for s in scored)],
