@@ -15,8 +15,8 @@ from megatron_gndpo.config.schema import RolloutConfig, RunConfig
 from megatron_gndpo.distributed.collectives import all_reduce
 from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.rollout.generator import SamplingParams, generate
-from megatron_gndpo.trainer.images import sampler_images
 from megatron_gndpo.trainer.dumps import response_records, write_gathered
+from megatron_gndpo.trainer.images import sampler_images
 from megatron_gndpo.trainer.rewards import REWARD_KEYS
 
 
