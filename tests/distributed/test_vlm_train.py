@@ -4,7 +4,9 @@ trainer at several layouts, a checkpoint saved, resumed and exported."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,20 @@ def _prepare(groups, tmp):
     rows = [row("<image>x?", "1", (28, 28)), row("<image>y?", "2", (28, 56)),
             row("<image>a<image>b", "3", (28, 28), (56, 28)), row("no image", "4")]
     write_prompt_parquet(str(tmp / "train.parquet"), rows)
+
+    # a text checkpoint (the student's language model alone) cannot take images: refused when the run opens it
+    from megatron_gndpo.trainer.setup import _check_initial_checkpoints
+
+    shutil.copytree(tmp / "student", tmp / "text")
+    meta = json.loads((tmp / "text" / "gndpo_meta.json").read_text())
+    del meta["vision"]
+    (tmp / "text" / "gndpo_meta.json").write_text(json.dumps(meta))
+    cfg = _config(tmp, "unused")
+    for field, bad in (("student_checkpoint", dict(student_checkpoint=str(tmp / "text"))),
+                       ("teacher.checkpoint", dict(teacher=dataclasses.replace(cfg.teacher,
+                                                                               checkpoint=str(tmp / "text"))))):
+        with pytest.raises(ValueError, match=f"data.images=process needs a vision-language {field}.*no vision tower"):
+            _check_initial_checkpoints(dataclasses.replace(cfg, **bad))
 
 
 def _config(tmp: Path, run: str, tp: int = 1, pp: int = 1):
