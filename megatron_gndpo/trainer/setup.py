@@ -150,19 +150,25 @@ def _check_layout_and_names(cfg: RunConfig, groups: ProcessGroups):
 def _check_initial_checkpoints(cfg: RunConfig) -> None:
     """Each configured checkpoint exists and holds the configured architecture (loading would find out
     later, after the models are built, on every rank at once). With ``data.images=process`` student and
-    teacher are vision-language checkpoints (their ``model`` is their language model's)."""
+    teacher are vision-language checkpoints (their ``model`` is their language model's), and a
+    vision-language checkpoint needs ``data.images=process``."""
     for path, model, role in ((cfg.student_checkpoint, cfg.model, "student"),
                               (cfg.teacher.checkpoint, cfg.teacher.model, "teacher"),
                               (cfg.algorithm.reference_checkpoint, cfg.model, "reference")):
         if path:
             check_architecture(path, model, role)
-    if cfg.data.images == "process":
-        for path, field in ((cfg.student_checkpoint, "student_checkpoint"), (cfg.teacher.checkpoint,
-                                                                             "teacher.checkpoint")):
-            if not path or not is_vision_language(path):
-                raise ValueError(f"data.images=process needs a vision-language {field} (an InternVL checkpoint "
-                                 f"converted with `megatron-gndpo convert hf-to-megatron`), got "
-                                 f"{path or 'none'}: a text model has no vision tower to see the images")
+    images = cfg.data.images == "process"
+    for path, field in ((cfg.student_checkpoint, "student_checkpoint"), (cfg.teacher.checkpoint, "teacher.checkpoint"),
+                        (cfg.algorithm.reference_checkpoint, "algorithm.reference_checkpoint")):
+        vision_language = bool(path) and is_vision_language(path)
+        if images and not vision_language and field != "algorithm.reference_checkpoint":
+            raise ValueError(f"data.images=process needs a vision-language {field} (an InternVL checkpoint "
+                             f"converted with `megatron-gndpo convert hf-to-megatron`), got "
+                             f"{path or 'none'}: a text model has no vision tower to see the images")
+        if vision_language and not images:
+            # the paths that take images are the ones data.images=process opens; rows without images stay text
+            raise ValueError(f"{field} {path} is a vision-language checkpoint: set data.images=process (rows "
+                             f"without images stay text-only), not {cfg.data.images!r}")
 
 
 def _vision_processor(cfg: RunConfig, tokenizer) -> VisionProcessor:

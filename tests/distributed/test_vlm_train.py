@@ -70,6 +70,9 @@ def _prepare(groups, tmp):
                                                                                checkpoint=str(tmp / "text"))))):
         with pytest.raises(ValueError, match=f"data.images=process needs a vision-language {field}.*no vision tower"):
             _check_initial_checkpoints(dataclasses.replace(cfg, **bad))
+    with pytest.raises(ValueError, match="student_checkpoint .* is a vision-language checkpoint: set "
+                                         "data.images=process .*not 'ignore'"):
+        _check_initial_checkpoints(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, images="ignore")))
 
 
 def _config(tmp: Path, run: str, tp: int = 1, pp: int = 1):
