@@ -120,15 +120,20 @@ def _train(groups, tmp, tp, pp, resume_too):
         convert.megatron_to_hf(str(saved), str(tmp / "exported"))
         out["step1"] = _state(trainer)
         out["exported"] = _safetensors(tmp / "exported")
+        out["val1"] = trainer.validate()
     metrics.append(trainer.train_step())
     out.update(metrics=metrics if trainer.is_logging_rank else None, initial=initial, weights=_state(trainer),
                val=trainer.validate())
     trainer.close(destroy_process_group=False)
     if resume_too:
+        from megatron_gndpo.trainer.evaluation import evaluate_checkpoint
+
         trainer = Trainer(_config(tmp, f"run_{tp}{pp}", tp, pp), resume=True)
         assert trainer.step == 1
         out["resumed"] = {"metrics": trainer.train_step(), "weights": _state(trainer)}
         trainer.close(destroy_process_group=False)
+        destroy_parallel(destroy_process_group=False)  # `megatron-gndpo eval` of the step-1 checkpoint
+        out["eval"] = evaluate_checkpoint(_config(tmp, "eval"), str(tmp / f"run_{tp}{pp}" / "checkpoints"))
     return out
 
 
@@ -166,3 +171,7 @@ def test_gndpo_steps_with_images_match_across_layouts_and_resume(tmp_path):
     assert not torch.equal(ref["exported"][PROJECTOR], ref["initial"][projector])
     embedding = ref["step1"]["embedding.word_embeddings.weight"][:VOCAB]
     assert torch.equal(ref["exported"]["language_model.model.embed_tokens.weight"], embedding)
+
+    # `megatron-gndpo eval` loads the step-1 checkpoint's VLM and validates it with the images, as the run did
+    assert ref["eval"]["step"] == 1 and ref["eval"]["prompts"] == 4
+    assert {k: ref["eval"][k] for k in ref["val1"]} == ref["val1"]
