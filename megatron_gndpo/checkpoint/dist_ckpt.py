@@ -264,9 +264,10 @@ class CheckpointManager:
 
     def save(self, step: int, model, optimizer, scheduler, *, model_config: ModelConfig,
              trainer_state: Dict[str, Any], tokenizer: Optional[str | os.PathLike] = None,
-             keep: Optional[int] = None) -> Path:
+             keep: Optional[int] = None, add_files: Optional[Callable[[Path], None]] = None, **extra) -> Path:
         """Collective: every rank calls it. ``tokenizer``: the run's tokenizer directory, saved under
-        the checkpoint's ``tokenizer/`` (an exported student needs it). ``keep``: once the new
+        the checkpoint's ``tokenizer/`` (an exported student needs it). ``add_files`` and ``extra`` as for
+        :func:`save_sharded_weights` (a vision-language student's vision files and metadata). ``keep``: once the new
         checkpoint is complete and ``latest`` names it, delete older step checkpoints beyond the
         newest ``keep`` (this one included); None keeps them all."""
         if keep is not None and keep < 1:
@@ -279,7 +280,8 @@ class CheckpointManager:
                     self._remove(stale)
         state = self._state(model, optimizer, scheduler, loading=False)
         state["trainer"] = trainer_state
-        _save_atomically(state, final, model_config, self.layout, tokenizer=tokenizer, step=step)
+        _save_atomically(state, final, model_config, self.layout, tokenizer=tokenizer, add_files=add_files,
+                         step=step, **extra)
         if _rank0():
             pointer_tmp = self.root / (LATEST_FILE + ".tmp")
             pointer_tmp.write_text(final.name)

@@ -53,6 +53,13 @@ def vision_record(config: Mapping[str, Any], hf_config, naming: str) -> Dict[str
             "hf_config": dict(config), "hf_names": naming}
 
 
+def is_vision_language(path: str | os.PathLike) -> bool:
+    """Whether the checkpoint at ``path`` (or the one its ``latest`` names) has a vision side."""
+    from megatron_gndpo.checkpoint.metadata import resolve_checkpoint
+
+    return read_meta(resolve_checkpoint(path)).get("vision") is not None
+
+
 def internvl_config(ckpt: str | os.PathLike):
     """The transformers ``InternVLConfig`` a converted InternVL checkpoint records."""
     from transformers import InternVLConfig
@@ -107,3 +114,20 @@ def copy_vision_weights(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """``src``'s vision files into checkpoint ``dst``, byte for byte."""
     shutil.copytree(Path(src) / VISION_DIR, Path(dst) / VISION_DIR)
 
+
+
+def student_vision_files(initial: str | os.PathLike, model) -> Dict[str, Any]:
+    """What a vision-language student's training checkpoint adds to a text one's, as
+    ``CheckpointManager.save`` arguments: the ``vision`` metadata of its initial checkpoint ``initial`` and
+    an ``add_files`` that writes ``model``'s (a ``VisionLanguageModel``) current vision side, projector
+    included, to ``vision/`` (rank 0, which holds the first pipeline stage). A resume reads the vision
+    side back from the checkpoint's sharded state; ``megatron-gndpo convert megatron-to-hf`` and
+    ``load_internvl_checkpoint`` read these files, as from a converted checkpoint."""
+    from megatron_gndpo.checkpoint.metadata import resolve_checkpoint
+
+    record = read_meta(resolve_checkpoint(initial))["vision"]
+
+    def add_files(ckpt: Path) -> None:
+        write_vision_weights(ckpt, {k: t.detach().cpu() for k, t in model.vision.state_dict().items()})
+
+    return {"vision": record, "add_files": add_files}

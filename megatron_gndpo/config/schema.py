@@ -489,11 +489,15 @@ class RunConfig:
         _check(not (self.rollout.continuous_batching and self.data.images == "process"),
                "rollout.continuous_batching does not take images (data.images=process): its per-slot prefill "
                "feeds token ids, not merged image embeddings; use the static sampler (continuous_batching=false)")
-        # no ModelConfig has a vision tower yet: the models and the trainer take images in later parts of
-        # docs/multimodal.md, so a run with images is refused here rather than at its first step
-        _check(self.data.images != "process",
-               "data.images=process needs a vision-language student and teacher; the trainer runs text-only "
-               "models for now (docs/multimodal.md)")
+        # that both checkpoints are vision-language ones is checked when the run opens them (trainer/setup.py);
+        # what a vision-language run cannot do yet is refused here
+        if self.data.images == "process":
+            for unsupported, why in ((self.algorithm.estimator == "gopd", "algorithm.estimator=gopd (its reference "
+                                      "policy is built as a text model)"),
+                                     (bool(self.teacher.quantize), "teacher.quantize (ModelOpt calibration of the "
+                                      "vision-language teacher is not built)"),
+                                     (self.teacher.offload, "teacher.offload (the vision tower is not offloaded)")):
+                _check(not unsupported, f"data.images=process does not take {why} yet (docs/multimodal.md)")
         self._check_teacher_comparisons()
         # Teacher and student may differ in vocab_size and padding; that they share one tokenizer is
         # checked with the tokenizer files, at Trainer init (check_same_vocabulary, check_checkpoint_tokenizers).

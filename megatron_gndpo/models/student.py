@@ -9,10 +9,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_gndpo.checkpoint.dist_ckpt import load_model_weights
+from megatron_gndpo.checkpoint.vision import is_vision_language
 from megatron_gndpo.config.schema import ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig, RunConfig
 from megatron_gndpo.distributed.collectives import all_reduce
 from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.models.provider import build_gpt_model, params_dtype
+from megatron_gndpo.models.vlm import load_internvl_checkpoint
 from megatron_gndpo.trainer.megatron_glue import (
     CollectFn,
     LogitsReadout,
@@ -29,7 +31,14 @@ MicroBatch = Dict[str, torch.Tensor]
 
 def build_student(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, *,
                   pre_process: bool, post_process: bool):
-    """GPTModel for this stage inside megatron's DistributedDataParallel.
+    """GPTModel for this stage inside megatron's DistributedDataParallel (:func:`wrap_in_ddp`)."""
+    return wrap_in_ddp(build_gpt_model(model, parallel, precision, pre_process=pre_process,
+                                       post_process=post_process), parallel)
+
+
+def wrap_in_ddp(module, parallel: ParallelConfig):
+    """``module`` (a GPTModel or a ``VisionLanguageModel``; its trainable parameters) inside megatron's
+    DistributedDataParallel.
 
     ``calculate_per_token_loss`` is switched on so that megatron neither divides the loss by the
     micro-batch count nor the gradients by the DP size: our losses arrive already divided by the
@@ -37,7 +46,6 @@ def build_student(model: ModelConfig, parallel: ParallelConfig, precision: Preci
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-    module = build_gpt_model(model, parallel, precision, pre_process=pre_process, post_process=post_process)
     config = module.config
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
@@ -95,18 +103,25 @@ def build_scheduler(optim: OptimConfig, optimizer, total_steps: int):
 
 
 class Student:
-    """The student's pipeline stage in megatron's DDP (``model``; the GPTModel is ``module``), its
+    """The student's pipeline stage in megatron's DDP (``model``; the GPTModel, or the
+    ``VisionLanguageModel`` of a vision-language ``student_checkpoint``, is ``module``), its
     optimizer and LR schedule, loaded from ``student_checkpoint``. ``total_optimizer_steps`` is the
     schedule's horizon. Counts the optimizer steps it skipped for non-finite gradients."""
 
     def __init__(self, cfg: RunConfig, groups: ProcessGroups, readout: LogitsReadout, *, total_optimizer_steps: int):
         self.groups, self.readout = groups, readout
-        self.model = build_student(cfg.model, cfg.parallel, cfg.precision, pre_process=groups.is_first_stage,
-                                   post_process=groups.is_last_stage)
+        stage = dict(pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
+        self.vision_language = bool(cfg.student_checkpoint) and is_vision_language(cfg.student_checkpoint)
+        if self.vision_language:  # loaded before DDP, which copies the weights into its buffers
+            self.model = wrap_in_ddp(load_internvl_checkpoint(cfg.student_checkpoint, cfg.parallel, cfg.precision,
+                                                              role="student", **stage), cfg.parallel)
+        else:
+            self.model = build_student(cfg.model, cfg.parallel, cfg.precision, **stage)
         self.optimizer = build_optimizer(cfg.optim, cfg.precision, cfg.parallel, self.model)
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, total_optimizer_steps)
         if cfg.student_checkpoint:
-            load_model_weights(self.module, cfg.student_checkpoint, cfg.model, "student")
+            if not self.vision_language:
+                load_model_weights(self.module, cfg.student_checkpoint, cfg.model, "student")
             self.optimizer.reload_model_params()  # fp32 main weights follow the loaded bf16 ones
         self.skipped_steps = 0
 

@@ -10,9 +10,11 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from megatron_gndpo.checkpoint.dist_ckpt import load_model_weights
+from megatron_gndpo.checkpoint.vision import is_vision_language
 from megatron_gndpo.config.schema import ParallelConfig, TeacherConfig
 from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.models.provider import build_gpt_model
+from megatron_gndpo.models.vlm import load_internvl_checkpoint
 from megatron_gndpo.models.quantization import logprob_error, quantize_teacher
 from megatron_gndpo.ops.vocab_parallel import vocab_parallel_topk_logprobs
 from megatron_gndpo.trainer.megatron_glue import LogitsReadout, forward_logprobs, forward_outputs, model_forward
@@ -89,11 +91,14 @@ class Teacher:
         self.groups, self.readout, self.role, self.top_k = groups, readout, role, top_k
         self.quantized = bool(cfg.quantize)  # ModelOpt may quantise the output layer: read its logits then
         offload = cfg.offload and groups.device.type == "cuda"
-        self.model = build_teacher(cfg, parallel, pre_process=groups.is_first_stage,
-                                   post_process=groups.is_last_stage, cpu_initialization=True if offload else None)
-        if cfg.checkpoint:
-            load_model_weights(self.model, cfg.checkpoint, cfg.model, role)
-        elif role == "teacher":
+        stage = dict(pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
+        if cfg.checkpoint and is_vision_language(cfg.checkpoint):  # RunConfig refuses offload / quantize with images
+            self.model = freeze(load_internvl_checkpoint(cfg.checkpoint, parallel, cfg.precision, role=role, **stage))
+        else:
+            self.model = build_teacher(cfg, parallel, cpu_initialization=True if offload else None, **stage)
+            if cfg.checkpoint:
+                load_model_weights(self.model, cfg.checkpoint, cfg.model, role)
+        if not cfg.checkpoint and role == "teacher":
             log0.info("teacher.checkpoint is not set: the teacher has random weights (tests only)")
         self.offloaded: Optional[OffloadedWeights] = None  # quantisation scores with the weights on the device
         self.quant_metrics: Dict[str, float] = self._quantize(cfg.quantize, *calibration) if cfg.quantize else {}

@@ -76,6 +76,30 @@ class VisionLanguageModel(torch.nn.Module):
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """The language model's sharded state dict under its own keys (those of a converted checkpoint,
+        so the text loader reads either) and, on the first stage, the vision side's tensors under
+        ``vision.*``, replicated over tensor- and data-parallel ranks: a training checkpoint restores the
+        projector it trains (and the tower, trained or not) with the optimizer state that refers to them."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        out = self.language_model.sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.vision is not None:
+            out.update(make_sharded_tensors_for_checkpoint(self.vision.state_dict(keep_vars=True),
+                                                           f"{prefix}{VISION_KEY}"))
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """The inverse of :meth:`sharded_state_dict`'s keys: ``vision.*`` to the vision side (first
+        stage), the rest to the language model."""
+        vision = {k[len(VISION_KEY):]: v for k, v in state_dict.items() if k.startswith(VISION_KEY)}
+        language = {k: v for k, v in state_dict.items() if not k.startswith(VISION_KEY)}
+        if self.vision is not None:
+            self.vision.load_state_dict(vision, strict=strict, assign=assign)
+        elif vision and strict:
+            raise RuntimeError(f"vision tensors {sorted(vision)[:3]} given to a stage without a vision side")
+        return self.language_model.load_state_dict(language, strict=strict, assign=assign)
+
     def image_features(self, pixel_values: torch.Tensor, image_tiles: Optional[torch.Tensor] = None,
                        image_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Every image's embeddings ``[image tokens, hidden]``, image after image (first stage only).
@@ -143,6 +167,9 @@ def internvl_language_config(hf_config) -> ModelConfig:
     cfg = model_config_from_hf(hf_config.text_config)
     return dataclasses.replace(cfg, tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)))
 
+
+VISION_KEY = "vision."
+"""The prefix of the vision side's tensors in a ``VisionLanguageModel``'s sharded state dict."""
 
 INTERNVL_NAMES = {
     "modules": ("model.language_model.", "lm_head.weight", "model."),

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from megatron_gndpo.data.prompts import PromptDataset, PromptOrder
+from megatron_gndpo.data.vision import ImageInputs
 from megatron_gndpo.distributed.collectives import all_reduce
 from megatron_gndpo.rollout.generator import Rollout
 
@@ -38,6 +39,9 @@ class StepPrompts:
     """``[B]`` global row ids: with the step's seed they key the sampling noise."""
     prompt_index: torch.Tensor
     """``[B]`` the prompt's slot in the step; the samples of one prompt share it (GRPO's groups)."""
+    images: List[Optional[ImageInputs]]
+    """Each row's images (None: a text-only row); the n samples of a prompt share one object, so the
+    sampler runs the vision tower once per prompt."""
 
 
 class PromptSchedule:
@@ -58,10 +62,11 @@ class PromptSchedule:
         indices = self.order.take(self.prompts_per_step)
         prompt_index = self.rows // self.n_samples
         picked = [indices[s] for s in prompt_index.tolist()]
+        images = {i: self.dataset.image_inputs(i) for i in dict.fromkeys(picked)}  # once per prompt
         return StepPrompts(ids=[self.dataset.prompt_ids(i) for i in picked],
                            truths=[self.dataset.rows[i].ground_truth for i in picked],
                            data_sources=[self.dataset.rows[i].data_source for i in picked],
-                           rows=self.rows, prompt_index=prompt_index)
+                           rows=self.rows, prompt_index=prompt_index, images=[images[i] for i in picked])
 
 
 def _next_token_view(tokens: torch.Tensor, mask: torch.Tensor) -> MicroBatch:

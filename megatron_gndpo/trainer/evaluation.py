@@ -16,6 +16,7 @@ from megatron_gndpo.distributed.collectives import all_reduce
 from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.rollout.generator import SamplingParams, generate
 from megatron_gndpo.trainer.dumps import response_records, write_gathered
+from megatron_gndpo.trainer.images import sampler_images
 from megatron_gndpo.trainer.rewards import REWARD_KEYS
 
 
@@ -44,9 +45,11 @@ def greedy_eval(model, dataset, tokenizer, reward_fn, sampling: SamplingParams, 
     sums = torch.zeros((1 + len(sources), 3), dtype=torch.float64, device=groups.device)
     records = []
     if mine:
+        images = [dataset.image_inputs(i) for i in mine]
         rollout = generate(model, [dataset.prompt_ids(i) for i in mine], torch.tensor(mine, device=groups.device),
                            dataclasses.replace(sampling, temperature=0.0), groups=groups, vocab_size=vocab_size,
-                           seed=0, max_sequence_length=max_sequence_length)
+                           seed=0, max_sequence_length=max_sequence_length,
+                           **sampler_images(images))
         texts = tokenizer.batch_decode(rollout.responses(), skip_special_tokens=True)
         scored = [reward_fn(t, dataset.rows[i].ground_truth) for t, i in zip(texts, mine)]
         sums[0] += torch.tensor([len(mine), sum(s["reward"] for s in scored), sum(s["acc"] for s in scored)],
@@ -74,9 +77,13 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, *, limit: Optional[int]
     """Collective: greedy validation of the student weights in ``checkpoint`` (a step checkpoint, or a
     checkpoint directory whose ``latest`` names one; any TP x PP) on ``data.val_files``, the first
     ``limit`` prompts (all by default), with the run's tokenizer, reward and rollout settings. Returns
-    the metrics with what was evaluated; builds no optimizer and no teacher."""
-    from megatron_gndpo.checkpoint.dist_ckpt import (check_architecture, load_model_weights, read_meta,
-                                                     resolve_checkpoint)
+    the metrics with what was evaluated; builds no optimizer and no teacher. A vision-language student
+    (a training checkpoint of an InternVL run) sees the images with ``data.images=process``."""
+    from megatron_gndpo.checkpoint.dist_ckpt import (TOKENIZER_DIR, check_architecture, load_model_weights,
+                                                     read_meta, resolve_checkpoint)
+    from megatron_gndpo.checkpoint.vision import is_vision_language
+    from megatron_gndpo.data.vision import load_vision_processor
+    from megatron_gndpo.models.vlm import load_internvl_checkpoint
     from megatron_gndpo.config.schema import check_same_vocabulary
     from megatron_gndpo.data.prompts import PromptDataset
     from megatron_gndpo.data.tokenizer import check_checkpoint_tokenizers, load_tokenizer
@@ -96,16 +103,22 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, *, limit: Optional[int]
         check_architecture(path, cfg.model, "student")
         tokenizer = load_tokenizer(data.tokenizer)
         check_checkpoint_tokenizers(tokenizer, data.tokenizer, {"--checkpoint": str(path)})
+        # a vision-language student's processor lays the images out, as in training (trainer/setup.py)
+        processor = load_vision_processor(str(path / TOKENIZER_DIR), tokenizer) \
+            if data.images == "process" and is_vision_language(path) else None
         dataset = PromptDataset(data.val_files, tokenizer, max_prompt_length=data.max_prompt_length,
-                                images=data.images, overlong=data.overlong_prompts)
+                                images=data.images, overlong=data.overlong_prompts, processor=processor)
         # the trainer's validation takes the vocabulary the student shares with its teacher; so does this
         vocab_size = check_same_vocabulary(len(tokenizer), cfg.model, cfg.teacher.model)
         return path, tokenizer, dataset, vocab_size, get_reward(data.reward)
 
     path, tokenizer, dataset, vocab_size, reward_fn = agree("preparing the evaluation", open_everything)
-    model = freeze(build_gpt_model(cfg.model, cfg.parallel, cfg.precision, pre_process=groups.is_first_stage,
-                                   post_process=groups.is_last_stage))
-    load_model_weights(model, path, cfg.model, "student")
+    stage = dict(pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
+    if is_vision_language(path):
+        model = freeze(load_internvl_checkpoint(path, cfg.parallel, cfg.precision, role="student", **stage))
+    else:
+        model = freeze(build_gpt_model(cfg.model, cfg.parallel, cfg.precision, **stage))
+        load_model_weights(model, path, cfg.model, "student")
     n = len(dataset) if limit is None else min(limit, len(dataset))
     metrics = greedy_eval(model, dataset, tokenizer, reward_fn, sampling_params(cfg.rollout, tokenizer),
                           groups=groups, vocab_size=vocab_size, max_sequence_length=cfg.model.max_position_embeddings,

@@ -44,6 +44,12 @@ def micro_batch_images(images: Sequence[Optional[ImageInputs]], device: torch.de
     return out
 
 
+def sampler_images(images: Sequence[Optional[ImageInputs]]) -> Dict[str, Sequence[Optional[ImageInputs]]]:
+    """``generate``'s ``images`` argument for rows whose images are ``images``: {} when no row has any,
+    so a text-only batch samples exactly as without images (and a text model is never handed them)."""
+    return {"images": images} if any(im is not None for im in images) else {}
+
+
 def attach_images(microbatches: List[MicroBatch], per_row_images: Sequence[Optional[ImageInputs]],
                   groups: ProcessGroups) -> None:
     """Adds to each micro-batch the images of its rows ``mb["row_ids"]`` (indices into

@@ -4,7 +4,8 @@ two models.
 Each check runs through ``preflight.agree``, decided together so that every rank stops on the same
 error: the batch layout and the names in the config; rank 0 claims the run's directories (a lock
 against a second run, and no fresh run over an earlier run's checkpoints); every rank checks that it
-can write them; the initial checkpoints' architectures and tokenizers; every prompt's length.
+can write them; the initial checkpoints' architectures and tokenizers (vision-language ones with images); every
+prompt's length; that the teacher sees the student's image layout.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import torch.distributed as dist
 
 from megatron_gndpo.algorithms.advantages import get_advantage_estimator
 from megatron_gndpo.algorithms.losses import POLICY_LOSSES
-from megatron_gndpo.checkpoint.dist_ckpt import CheckpointManager, check_architecture
+from megatron_gndpo.checkpoint.dist_ckpt import TOKENIZER_DIR, CheckpointManager, check_architecture
+from megatron_gndpo.checkpoint.metadata import resolve_checkpoint
+from megatron_gndpo.checkpoint.vision import is_vision_language
 from megatron_gndpo.algorithms.losses import DISTRIBUTION_DIVERGENCES
 from megatron_gndpo.config.schema import AlgorithmConfig, DataConfig, RunConfig, TeacherConfig, check_same_vocabulary
 from megatron_gndpo.data.prompts import PromptDataset
 from megatron_gndpo.data.tokenizer import check_checkpoint_tokenizers, load_tokenizer
+from megatron_gndpo.data.vision import VisionProcessor, load_vision_processor
 from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.models.student import Student
 from megatron_gndpo.models.teacher import Teacher
@@ -28,6 +32,7 @@ from megatron_gndpo.rewards import get_reward
 from megatron_gndpo.rollout.generator import SamplingParams
 from megatron_gndpo.trainer.batches import MicroBatch, pad_sequence_length, sequences_from_prompts, split_rows
 from megatron_gndpo.trainer.evaluation import sampling_params
+from megatron_gndpo.trainer.images import check_same_image_layout
 from megatron_gndpo.trainer.megatron_glue import LogitsReadout
 from megatron_gndpo.trainer.metrics import MetricsWriter
 from megatron_gndpo.trainer.preflight import RunClaim, agree, claim_run, probe_writable
@@ -70,8 +75,13 @@ def prepare_run(cfg: RunConfig, groups: ProcessGroups, *, resume: bool) -> RunSe
                                                      probe_writable(tc.checkpoint_dir, "trainer.save_dir")))
     agree("checking the initial checkpoints", lambda: _check_initial_checkpoints(cfg))
     tokenizer, vocab_size = agree("checking data.tokenizer against the checkpoints", lambda: _tokenizer(cfg))
+    processor = agree("loading the checkpoints' vision processors", lambda: _vision_processor(cfg, tokenizer)) \
+        if cfg.data.images == "process" else None
     train_data, val_data = agree("opening data.train_files and data.val_files",
-                                 lambda: _open_datasets(cfg.data, tokenizer))
+                                 lambda: _open_datasets(cfg.data, tokenizer, processor))
+    if processor is not None:
+        agree("checking that the teacher sees the student's image layout",
+              lambda: _check_teacher_layout(cfg, processor, train_data))
     sampling = sampling_params(cfg.rollout, tokenizer)
     multiple = 16 if (cfg.precision.fp8 or cfg.teacher.precision.fp8) else 1
     calibration = agree("choosing the teacher's calibration prompts (teacher.calibration_prompts)",
@@ -139,12 +149,43 @@ def _check_layout_and_names(cfg: RunConfig, groups: ProcessGroups):
 
 def _check_initial_checkpoints(cfg: RunConfig) -> None:
     """Each configured checkpoint exists and holds the configured architecture (loading would find out
-    later, after the models are built, on every rank at once)."""
+    later, after the models are built, on every rank at once). With ``data.images=process`` student and
+    teacher are vision-language checkpoints (their ``model`` is their language model's), and a
+    vision-language checkpoint needs ``data.images=process``."""
     for path, model, role in ((cfg.student_checkpoint, cfg.model, "student"),
                               (cfg.teacher.checkpoint, cfg.teacher.model, "teacher"),
                               (cfg.algorithm.reference_checkpoint, cfg.model, "reference")):
         if path:
             check_architecture(path, model, role)
+    images = cfg.data.images == "process"
+    for path, field in ((cfg.student_checkpoint, "student_checkpoint"), (cfg.teacher.checkpoint, "teacher.checkpoint"),
+                        (cfg.algorithm.reference_checkpoint, "algorithm.reference_checkpoint")):
+        vision_language = bool(path) and is_vision_language(path)
+        if images and not vision_language and field != "algorithm.reference_checkpoint":
+            raise ValueError(f"data.images=process needs a vision-language {field} (an InternVL checkpoint "
+                             f"converted with `megatron-gndpo convert hf-to-megatron`), got "
+                             f"{path or 'none'}: a text model has no vision tower to see the images")
+        if vision_language and not images:
+            # the paths that take images are the ones data.images=process opens; rows without images stay text
+            raise ValueError(f"{field} {path} is a vision-language checkpoint: set data.images=process (rows "
+                             f"without images stay text-only), not {cfg.data.images!r}")
+
+
+def _vision_processor(cfg: RunConfig, tokenizer) -> VisionProcessor:
+    """The student checkpoint's vision processor (its ``tokenizer/`` directory), which lays the images out."""
+    return load_vision_processor(str(resolve_checkpoint(cfg.student_checkpoint) / TOKENIZER_DIR), tokenizer)
+
+
+def _check_teacher_layout(cfg: RunConfig, processor: VisionProcessor, train_data: PromptDataset) -> None:
+    """The teacher's processor (its checkpoint's ``tokenizer/``) writes the student's image-token layout and
+    pixels for the first training prompt with images: the teacher scores the student's tokens with the
+    student's pixels (``check_same_image_layout``)."""
+    row = next((r for r in train_data.rows if r.images), None)
+    if row is None:
+        return
+    teacher_dir = str(resolve_checkpoint(cfg.teacher.checkpoint) / TOKENIZER_DIR)
+    teacher = load_vision_processor(teacher_dir, load_tokenizer(teacher_dir))
+    check_same_image_layout(processor, teacher, row.messages, row.images, where=f"{row.path}: row {row.file_row}")
 
 
 def _tokenizer(cfg: RunConfig):
@@ -156,11 +197,12 @@ def _tokenizer(cfg: RunConfig):
     return tokenizer, check_same_vocabulary(len(tokenizer), cfg.model, cfg.teacher.model)
 
 
-def _open_datasets(data: DataConfig, tokenizer):
-    """Training and validation prompts, every prompt measured against data.max_prompt_length."""
+def _open_datasets(data: DataConfig, tokenizer, processor: Optional[VisionProcessor]):
+    """Training and validation prompts, every prompt measured against data.max_prompt_length (image
+    tokens included: ``processor`` lays the images out)."""
     def open_files(files: List[str], field: str) -> PromptDataset:
         dataset = PromptDataset(files, tokenizer, max_prompt_length=data.max_prompt_length, images=data.images,
-                                overlong=data.overlong_prompts)
+                                overlong=data.overlong_prompts, processor=processor)
         if dataset.dropped:
             log0.warning("%s: left out %d of %d prompts longer than data.max_prompt_length (%d) "
                          "(data.overlong_prompts=drop)", field, dataset.dropped, dataset.dropped + len(dataset),

@@ -32,6 +32,7 @@ from megatron_gndpo.trainer.batches import (
     widen,
 )
 from megatron_gndpo.trainer.dumps import ROLLOUTS, dump_path, dump_rollout
+from megatron_gndpo.trainer.images import attach_images, sampler_images
 from megatron_gndpo.trainer.metrics import (
     PhaseTimer,
     advantage_metrics,
@@ -56,13 +57,14 @@ def train_step(t: Trainer, step: int) -> Dict[str, float]:
             sample = rollout_engine(cfg.rollout.continuous_batching, cfg.rollout.decode_slots)
             rollout = sample(t.student.module, prompts.ids, prompts.rows, run.sampling, groups=g,
                              vocab_size=run.vocab_size, seed=cfg.seed * 1_000_003 + step - 1,
-                             max_sequence_length=cfg.model.max_position_embeddings)
+                             max_sequence_length=cfg.model.max_position_embeddings, **sampler_images(prompts.images))
             batch = training_batch(rollout, step=step, multiple=run.sequence_multiple,
                                    pad_token_id=run.sampling.pad_token_id, group=g.dp_cp)
             tc = cfg.trainer  # fixed row counts, or a token budget (padded or packed); rows named by row_ids
             microbatches = form_microbatches(batch, mini_batches=tc.mini_batches, micro_batch_size=tc.micro_batch_size,
                                              max_tokens=tc.max_tokens_per_microbatch, pack=tc.pack_sequences,
                                              multiple=run.sequence_multiple, pad_token_id=run.sampling.pad_token_id)
+            attach_images(microbatches, prompts.images, g)  # first stage: every scoring and the update see them
         with timer("teacher"):  # the student's exact tokens, at teacher.temperature (+ its top-k, when asked)
             scores = t.teacher.score(microbatches)
         if t.reference is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict
 
+from megatron_gndpo.checkpoint.vision import student_vision_files
 from megatron_gndpo.config.schema import RunConfig
 from megatron_gndpo.data.prompts import PromptOrder
 from megatron_gndpo.distributed.init import destroy_parallel, init_parallel
@@ -91,9 +92,10 @@ class Trainer:
 
     def save(self) -> Path:
         s = self.student
+        vision = student_vision_files(self.cfg.student_checkpoint, s.module) if s.vision_language else {}
         return self.run.checkpoints.save(self.step, s.module, s.optimizer, s.scheduler, model_config=self.cfg.model,
                                          trainer_state=loop.trainer_state(self), tokenizer=self.cfg.data.tokenizer,
-                                         keep=self.cfg.trainer.keep_checkpoints)
+                                         keep=self.cfg.trainer.keep_checkpoints, **vision)
 
     def close(self, destroy_process_group: bool = True) -> None:
         self.run.claim.release()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_gndpo.config.schema import DataConfig, RunConfig
+from megatron_gndpo.config.schema import AlgorithmConfig, DataConfig, RunConfig, TeacherConfig
 from megatron_gndpo.data.images import read_images
 from megatron_gndpo.data.prompts import PromptDataset, read_prompt_rows, verl_row, write_prompt_parquet
 from megatron_gndpo.data.tokenizer import render_prompt
@@ -182,8 +182,12 @@ def test_images_config():
     with pytest.raises(ValueError, match="data.images must be 'error', 'ignore' or 'process', got 'keep'"):
         DataConfig(images="keep")
     assert DataConfig(images="process").images == "process"
-    with pytest.raises(ValueError, match="data.images=process needs a vision-language student"):
-        RunConfig(data=DataConfig(images="process"))
+    RunConfig(data=DataConfig(images="process"))  # whether the checkpoints see images is checked when opened
+    for section, match in ((dict(algorithm=AlgorithmConfig(estimator="gopd")), "algorithm.estimator=gopd"),
+                           (dict(teacher=TeacherConfig(quantize="fp8")), "teacher.quantize"),
+                           (dict(teacher=TeacherConfig(offload=True)), "teacher.offload")):
+        with pytest.raises(ValueError, match=f"data.images=process does not take {match}"):
+            RunConfig(data=DataConfig(images="process"), **section)
 
 
 def test_geo3k_tool_keeps_the_images(tmp_path):
