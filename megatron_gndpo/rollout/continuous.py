@@ -99,9 +99,10 @@ class SlotInferenceContext(StaticInferenceContext):
 
     def __init__(self, num_slots: int, max_len: int):
         super().__init__(num_slots, max_len)
-        self.slots = torch.zeros(0, dtype=torch.long)
+        # set by feed() before every forward
+        self.slots: Optional[torch.Tensor] = None
         self.prefix = True
-        self.positions = torch.zeros(0, 0, dtype=torch.long)
+        self.positions: Optional[torch.Tensor] = None
 
     def feed(self, slots: torch.Tensor, starts: torch.Tensor, s: int) -> torch.Tensor:
         """Next forward: ``s`` tokens for each of ``slots`` ``[n]``, slot i's at positions

@@ -136,11 +136,11 @@ class _PromptImages:
         distinct = list({id(im): im for im in images if im is not None}.values())
         features = {}
         if distinct:
-            tiles = [im.tiles_per_image for im in distinct]
+            tiles, device = [im.tiles_per_image for im in distinct], tokens.device
             out = model.image_features(
-                torch.cat([im.pixel_values for im in distinct]).to(tokens.device),
-                image_tiles=torch.tensor(sum(tiles, [])) if all(t is not None for t in tiles) else None,
-                image_tokens=torch.tensor([n for im in distinct for n in im.tokens_per_image]))
+                torch.cat([im.pixel_values for im in distinct]).to(device),
+                image_tiles=torch.tensor(sum(tiles, []), device=device) if all(t is not None for t in tiles) else None,
+                image_tokens=torch.tensor([n for im in distinct for n in im.tokens_per_image], device=device))
             features = dict(zip(map(id, distinct), out.split([sum(im.tokens_per_image) for im in distinct])))
         t = torch.arange(tokens.shape[1], device=tokens.device)
         # a text model's prompts hold no image token

@@ -25,6 +25,8 @@ FACTORIES = {"tensor", "as_tensor", "zeros", "ones", "full", "empty", "arange", 
 # The step: every tensor it builds must be on the device its collectives and models use.
 STEP_MODULES = ["megatron_gndpo/trainer/trainer.py", "megatron_gndpo/trainer/evaluation.py",
                 "megatron_gndpo/trainer/megatron_glue.py", "megatron_gndpo/rollout/generator.py",
+                "megatron_gndpo/trainer/step.py", "megatron_gndpo/trainer/batches.py",
+                "megatron_gndpo/trainer/images.py", "megatron_gndpo/rollout/continuous.py",
                 "megatron_gndpo/models/quantization.py", *sorted(str(p.relative_to(REPO)) for p in
                                                               (REPO / "megatron_gndpo/algorithms").glob("*.py"))]
 
