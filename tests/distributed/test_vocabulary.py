@@ -82,7 +82,8 @@ def _run(groups, tmp, tp, student_vocab, teacher_vocab):
     reference; one training step and one validation, recording every vocab_size the trainer passes."""
     import megatron_gndpo.trainer.trainer as trainer_module
     from megatron_gndpo.distributed.init import destroy_parallel
-    from megatron_gndpo.trainer import batches, megatron_glue, step
+    from megatron_gndpo.rollout import continuous
+    from megatron_gndpo.trainer import batches, megatron_glue
 
     destroy_parallel(destroy_process_group=False)  # the trainer builds the groups from its own config
     cfg = _config(tmp, student_vocab, teacher_vocab, [f"parallel.tensor_model_parallel_size={tp}",
@@ -111,8 +112,11 @@ def _run(groups, tmp, tp, student_vocab, teacher_vocab):
             return result
         return wrapped
 
-    for module, name in ((step, "generate"), (megatron_glue, "vocab_parallel_logprobs"),
-                         (megatron_glue, "vocab_parallel_entropy"), (trainer_module, "greedy_eval")):
+    # the step samples through rollout_engine, which hands out continuous.generate; the scoring phases
+    # read log-probs through the fused LM head, the update through the logits
+    for module, name in ((continuous, "generate"), (megatron_glue, "fused_linear_logprobs"),
+                         (megatron_glue, "vocab_parallel_logprobs"), (megatron_glue, "vocab_parallel_entropy"),
+                         (trainer_module, "greedy_eval")):
         setattr(module, name, spy(name, getattr(module, name)))
     metrics = trainer.train_step()
     trainer.validate()
@@ -131,7 +135,7 @@ def test_different_embedding_sizes_share_one_vocabulary(workdir, tp, student_voc
         assert rank["student"]["shard_width"] == padded[student_vocab] // tp
         assert rank["teacher"]["error"] < 1e-5 and rank["student"]["error"] < 1e-5
         assert {vocab for _, vocab in rank["seen"]} == {TOKENS}
-        assert {name for name, _ in rank["seen"]} == {"generate", "vocab_parallel_logprobs",
+        assert {name for name, _ in rank["seen"]} == {"generate", "fused_linear_logprobs", "vocab_parallel_logprobs",
                                                      "vocab_parallel_entropy", "greedy_eval"}
         assert rank["sampled_max"] < TOKENS and rank["finite"]
 
