@@ -56,9 +56,8 @@ from megatron_gndpo.ops.vocab_parallel import vocab_parallel_logprobs
 from megatron_gndpo.rollout.generator import (
     Rollout,
     SamplingParams,
-    _fp8_off,
-    _pp_neighbour,
-    _sharded_last_position_logits,
+    fp8_off,
+    stage_forward,
     generate,
 )
 from megatron_gndpo.rollout.sampling import vocab_parallel_sample
@@ -177,25 +176,6 @@ def _slot_attention(model):
             del m._adjust_key_value_for_inference
 
 
-def _slot_forward(model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, context,
-                  groups: ProcessGroups) -> Optional[torch.Tensor]:
-    """One pipeline pass over ``tokens`` ``[n, s]`` at ``positions`` ``[n, s]`` with ``mask``
-    ``[n, 1, s, L_k]``; the last stage returns the sharded logits of each row's final position
-    ``[n, V/tp]``, the others None. (``generator._stage_forward`` with per-row positions and a mask.)"""
-    n, s = tokens.shape
-    config = model.config
-    if not groups.is_first_stage:
-        hidden = torch.empty((s, n, config.hidden_size), dtype=config.params_dtype, device=tokens.device)
-        dist.recv(hidden, src=_pp_neighbour(groups, -1), group=groups.pp)
-        model.set_input_tensor(hidden)
-    with _sharded_last_position_logits(model):
-        out = model(tokens, positions, mask, inference_context=context)
-    if not groups.is_last_stage:
-        dist.send(out.contiguous(), dst=_pp_neighbour(groups, +1), group=groups.pp)
-        return None
-    return out[:, -1]
-
-
 @torch.no_grad()
 def generate_continuous(
     model,
@@ -254,7 +234,7 @@ def generate_continuous(
     model.eval()
     context = SlotInferenceContext(n_slots, total)
     try:
-        with _fp8_off(model), _slot_attention(model):
+        with fp8_off(model), _slot_attention(model):
             while True:
                 admitted = scheduler.admit([s for s in range(n_slots) if slot_row[s] < 0])
                 for slot, row in admitted:
@@ -269,7 +249,8 @@ def generate_continuous(
                 live_rows = torch.tensor([slot_row[s] for s in live], device=device)
                 start = cached[slots]  # the input token's position; the new token goes at start + 1
                 mask = context.feed(slots, start, 1)
-                logits = _slot_forward(model, tokens[live_rows, start][:, None], start[:, None], mask, context, groups)
+                logits = stage_forward(model, tokens[live_rows, start][:, None], start[:, None], context, groups,
+                                       attention_mask=mask)
                 cached[slots] += 1
                 if groups.is_last_stage:
                     nxt = vocab_parallel_sample(
@@ -329,7 +310,8 @@ def _prefill(model, tokens: torch.Tensor, plen: torch.Tensor, admitted: List[Tup
     chunk = tokens[rows, :s].clone()  # [n, s]
     chunk[torch.arange(s, device=device)[None, :] >= (plen[rows] - 1)[:, None]] = pad_token_id
     mask = context.feed(slots, torch.zeros_like(slots), s)
-    _slot_forward(model, chunk, torch.arange(s, device=device).expand(len(admitted), s), mask, context, groups)
+    stage_forward(model, chunk, torch.arange(s, device=device).expand(len(admitted), s), context, groups,
+                  attention_mask=mask)
 
 
 def rollout_engine(continuous_batching: bool, decode_slots: Optional[int] = None) -> Callable[..., Rollout]:

@@ -102,7 +102,7 @@ def _sharded_last_position_logits(model):
 
 
 @contextlib.contextmanager
-def _fp8_off(model):
+def fp8_off(model):
     """Decode without FP8: a decode step feeds B x 1 tokens, which Transformer Engine's FP8 GEMMs refuse
     unless B is a multiple of 16, and sampling wants the weights' own precision anyway. megatron-core
     enters FP8 from ``config.fp8`` at each forward, so clearing it on every config object of the model
@@ -167,21 +167,20 @@ class _PromptImages:
         return embeds
 
 
-def _stage_forward(model, tokens: torch.Tensor, start: int, context, groups: ProcessGroups,
-                   images: Optional[_PromptImages] = None) -> Optional[torch.Tensor]:
-    """One pipeline pass over ``tokens`` ``[B, s]`` (positions ``start..start+s``); the last stage
-    returns the sharded logits of the final position ``[B, V/tp]``, the others None. With ``images``
-    (first stage) the input enters as their ``decoder_input``."""
+def stage_forward(model, tokens: torch.Tensor, positions: torch.Tensor, context, groups: ProcessGroups, *,
+                  attention_mask: Optional[torch.Tensor] = None,
+                  decoder_input: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """One pipeline pass over ``tokens`` ``[B, s]`` at ``positions`` ``[B, s]`` (``attention_mask`` and
+    ``decoder_input`` as megatron's GPTModel takes them; None: causal, the token embeddings); the last
+    stage returns the sharded logits of each row's final position ``[B, V/tp]``, the others None."""
     b, s = tokens.shape
     config = model.config
     if not groups.is_first_stage:
         hidden = torch.empty((s, b, config.hidden_size), dtype=config.params_dtype, device=tokens.device)
         dist.recv(hidden, src=_pp_neighbour(groups, -1), group=groups.pp)
         model.set_input_tensor(hidden)
-    positions = torch.arange(start, start + s, device=tokens.device).expand(b, s)
-    decoder_input = images.decoder_input(model, tokens, start) if images is not None else None
     with _sharded_last_position_logits(model):
-        out = model(tokens, positions, None, decoder_input=decoder_input, inference_context=context)
+        out = model(tokens, positions, attention_mask, decoder_input=decoder_input, inference_context=context)
     if not groups.is_last_stage:
         dist.send(out.contiguous(), dst=_pp_neighbour(groups, +1), group=groups.pp)
         return None
@@ -246,9 +245,12 @@ def generate(
     try:
         prompt_images = _PromptImages(vlm, tokens, plen, images) \
             if images is not None and groups.is_first_stage else None
-        with _fp8_off(model):
+        with fp8_off(model):
             while cur < total and not bool(done.all()):
-                logits = _stage_forward(model, tokens[:, prev:cur], prev, context, groups, prompt_images)
+                chunk = tokens[:, prev:cur]
+                positions = torch.arange(prev, cur, device=device).expand_as(chunk)
+                embeds = prompt_images.decoder_input(model, chunk, prev) if prompt_images is not None else None
+                logits = stage_forward(model, chunk, positions, context, groups, decoder_input=embeds)
                 context.sequence_len_offset += cur - prev
                 if groups.is_last_stage:
                     nxt = vocab_parallel_sample(

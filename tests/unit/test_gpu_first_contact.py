@@ -128,7 +128,7 @@ def test_prefill_feeds_the_lm_head_the_last_position_only():
 
 
 def test_decoding_turns_fp8_off_and_restores_it():
-    from megatron_gndpo.rollout.generator import _fp8_off
+    from megatron_gndpo.rollout.generator import fp8_off
 
     class Layer(torch.nn.Module):
         def __init__(self, config):
@@ -140,7 +140,7 @@ def test_decoding_turns_fp8_off_and_restores_it():
 
     shared, own = Config(), Config()
     model = torch.nn.Sequential(Layer(shared), Layer(shared), Layer(own))
-    with _fp8_off(model):
+    with fp8_off(model):
         assert shared.fp8 is None and own.fp8 is None
     assert shared.fp8 == "hybrid" and own.fp8 == "hybrid"
 
