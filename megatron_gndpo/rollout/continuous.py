@@ -57,6 +57,7 @@ from megatron_gndpo.rollout.generator import (
     Rollout,
     SamplingParams,
     fp8_off,
+    prompt_buffers,
     stage_forward,
     generate,
 )
@@ -202,29 +203,17 @@ def generate_continuous(
     if getattr(model.config, "sequence_parallel", False):
         raise ValueError("the megatron rollout engine does not support parallel.sequence_parallel "
                          "(single-token decode steps cannot be split along the sequence)")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate() needs at least one prompt and no empty prompt")
-    device = groups.device
-    b = len(prompts)
+    device, b = groups.device, len(prompts)
     if images is not None and any(i is not None for i in images):
         raise ValueError("rollout.continuous_batching does not take images: a slot's prefill feeds token ids, "
                          "not merged image embeddings; use the static sampler")
     if decode_slots is not None and decode_slots < 1:
         raise ValueError(f"rollout.decode_slots must be >= 1 or None, got {decode_slots}")
     n_slots = b if decode_slots is None else min(decode_slots, b)
-    plen = torch.tensor([len(p) for p in prompts], device=device)
-    total = int(plen.max()) + params.max_new_tokens
-    if total > max_sequence_length:
-        raise ValueError(f"longest prompt ({int(plen.max())} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                         f"exceeds the model's max_position_embeddings ({max_sequence_length})")
-    tokens = torch.full((b, total), params.pad_token_id, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.as_tensor(p, dtype=torch.long, device=device)
-    eos = torch.as_tensor(list(params.eos_token_ids), dtype=torch.long, device=device)
+    plen, tokens, eos, logprobs = prompt_buffers(prompts, params, groups, max_sequence_length)
+    total = tokens.shape[1]
     rows = rows.to(device)
     resp_len = torch.zeros(b, dtype=torch.long, device=device)
-    logprobs = torch.zeros((b, total), dtype=torch.float32, device=device) \
-        if groups.is_last_stage and params.temperature > 0 else None
     last_src = dist.get_global_rank(groups.pp, groups.pp_size - 1)
 
     scheduler = SlotScheduler(b)

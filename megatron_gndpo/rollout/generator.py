@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -187,6 +187,30 @@ def stage_forward(model, tokens: torch.Tensor, positions: torch.Tensor, context,
     return out[:, -1]
 
 
+def prompt_buffers(prompts: Sequence[Sequence[int]], params: SamplingParams, groups: ProcessGroups,
+                   max_sequence_length: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """What a sampler fills, on the groups' device: the prompt lengths ``[B]``, the token buffer
+    ``[B, longest prompt + max_new_tokens]`` holding the prompts (pad after), the EOS ids, and the
+    sampler's own log-probs ``[B, L]`` (last stage, temperature > 0: the number the trainer's recomputed
+    old log-probs are compared with to show a precision or engine mismatch; greedy decoding has no
+    sampling distribution to report), else None."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate() needs at least one prompt and no empty prompt")
+    device = groups.device
+    plen = torch.tensor([len(p) for p in prompts], device=device)
+    total = int(plen.max()) + params.max_new_tokens
+    if total > max_sequence_length:
+        raise ValueError(f"longest prompt ({int(plen.max())} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                         f"exceeds the model's max_position_embeddings ({max_sequence_length})")
+    tokens = torch.full((len(prompts), total), params.pad_token_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.as_tensor(p, dtype=torch.long, device=device)
+    eos = torch.as_tensor(list(params.eos_token_ids), dtype=torch.long, device=device)
+    logprobs = torch.zeros((len(prompts), total), dtype=torch.float32, device=device) \
+        if groups.is_last_stage and params.temperature > 0 else None
+    return plen, tokens, eos, logprobs
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -216,26 +240,12 @@ def generate(
     if getattr(model.config, "sequence_parallel", False):
         raise ValueError("the megatron rollout engine does not support parallel.sequence_parallel "
                          "(single-token decode steps cannot be split along the sequence)")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate() needs at least one prompt and no empty prompt")
-    device = groups.device
-    b = len(prompts)
-    plen = torch.tensor([len(p) for p in prompts], device=device)
-    total = int(plen.max()) + params.max_new_tokens
-    if total > max_sequence_length:
-        raise ValueError(f"longest prompt ({int(plen.max())} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                         f"exceeds the model's max_position_embeddings ({max_sequence_length})")
-    tokens = torch.full((b, total), params.pad_token_id, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.as_tensor(p, dtype=torch.long, device=device)
-    eos = torch.as_tensor(list(params.eos_token_ids), dtype=torch.long, device=device)
+    device, b = groups.device, len(prompts)
+    plen, tokens, eos, logprobs = prompt_buffers(prompts, params, groups, max_sequence_length)
+    total = tokens.shape[1]
     rows = rows.to(device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     resp_len = torch.zeros(b, dtype=torch.long, device=device)
-    # The sampler's own log-probs, against which the trainer's recomputed ones show a precision or
-    # engine mismatch; greedy decoding has no sampling distribution to report.
-    logprobs = torch.zeros((b, total), dtype=torch.float32, device=device) \
-        if groups.is_last_stage and params.temperature > 0 else None
     last_src = dist.get_global_rank(groups.pp, groups.pp_size - 1)
 
     was_training = vlm.training
