@@ -18,7 +18,7 @@ from tests.distributed.test_vlm import _batch, _hf_model
 from tests.harness import relayout, run_distributed
 from tests.unit.test_vision_data import _tokenizer
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.vlm_wiring]
 VOCAB = 128  # the InternVL test tokenizer has 107 tokens; its <img>, </img>, <IMG_CONTEXT> are test_vlm's 3, 4, 5
 # (TP, PP) -> the checkpoint loaded there: converted at TP=PP=1, or converted at TP=PP=2 and resharded to TP=1, PP=2
 LAYOUTS = {(1, 1): "mg", (2, 1): "mg", (1, 2): "mg12"}

@@ -17,7 +17,7 @@ from tests.distributed.test_vlm_convert import VOCAB, _safetensors
 from tests.harness import run_distributed
 from tests.unit.test_vision_data import _png, _tokenizer
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.vlm_wiring]
 
 COMPARED = ("actor/policy_loss", "actor/grad_norm", "score/mean", "score/std", "reward", "response/length_mean",
             "prompt/length_mean", "prompt/length_max", "estimator/valid_tokens")
