@@ -46,8 +46,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from benchmarks.tensor_memory import TensorBytes  # noqa: E402
 from megatron_gndpo.config.schema import ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig  # noqa: E402
 
 PRECISION = PrecisionConfig(params_dtype="float32", transformer_impl="local")
@@ -133,8 +133,6 @@ def run_variant(variant: str, batch, student, optimizer, teacher, readout, args)
 
 def teacher_memory(args) -> list:
     """Peak MiB of the teacher phase at vocabulary ``--memory-vocab``: full logits vs fused LM head."""
-    from vocab_parallel import PeakTensorBytes
-
     from megatron_gndpo.models.provider import build_gpt_model
     from megatron_gndpo.models.teacher import freeze
     from megatron_gndpo.trainer.batches import split_rows
@@ -154,7 +152,7 @@ def teacher_memory(args) -> list:
                           "lp": readout.logprobs(lg, mb["labels"])})),
                      ("fused", lambda: forward_logprobs(model, mbs, readout, "lp"))):
         fn()  # warm-up: lazily built buffers (rotary tables) do not count
-        with PeakTensorBytes() as tracker:
+        with TensorBytes() as tracker:
             fn()
         rows.append({"scoring": name, "vocab": args.memory_vocab, "tokens": args.micro_batch_size * args.memory_seq,
                      "hidden": args.hidden, "peak_mib": tracker.peak / 2 ** 20})
