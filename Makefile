@@ -14,7 +14,7 @@ MCORE_LATEST ?= 0.19.2
 VENV_LATEST ?= .venv-mcore-latest
 PY_LATEST := $(VENV_LATEST)/bin/python
 
-.PHONY: demo test test-mcore-latest venv clean
+.PHONY: demo demo-vlm test test-mcore-latest venv clean
 
 $(VENV)/.installed: setup.py requirements/ci-constraints.txt
 	test -x $(PY) || python3 -m venv $(if $(HAS_CUDA),--system-site-packages,) $(VENV)
@@ -27,6 +27,10 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(PY) -m megatron_gndpo.demo --nproc $(NPROC)
+
+# the vision-language counterpart: tiny InternVL teacher and student counting shapes in pictures
+demo-vlm: venv
+	$(PY) -m megatron_gndpo.demo_vlm --nproc $(NPROC)
 
 test: venv
 	$(VENV)/bin/ruff check .

@@ -61,18 +61,21 @@ def check_out(out: Path) -> None:
     from megatron_gndpo.checkpoint.integrity import foreign_files
 
     for est in ESTIMATORS:
-        run_dir = out / est
-        if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
-            raise DemoError(f"{run_dir} is not a directory the demo made; refusing to replace it. "
-                            "Choose another --out.")
-        if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / MARKER).is_file():
-            raise DemoError(f"{run_dir} is not empty and was not made by the demo (no {MARKER} in it); "
-                            "refusing to delete it. Move it away or choose another --out.")
+        check_owned_dir(out / est, MARKER)
     for role in SFT:
         foreign = foreign_files(out / role)
         if foreign:
             raise DemoError(f"{out / role} holds files the demo did not write ({', '.join(foreign[:5])}); "
                             "refusing to replace it. Move them away or choose another --out.")
+
+
+def check_owned_dir(path: Path, marker: str) -> None:
+    """Refuse ``path`` unless it is absent, empty, or a directory holding ``marker`` (one the demo made)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise DemoError(f"{path} is not a directory the demo made; refusing to replace it. Choose another --out.")
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+        raise DemoError(f"{path} is not empty and was not made by the demo (no {marker} in it); "
+                        "refusing to delete it. Move it away or choose another --out.")
 
 
 def fresh_run_dir(run_dir: Path) -> None:
