@@ -61,7 +61,7 @@ def load_split(split: str, tokenizer):
     data = PromptDataset([str(DATA[split])], tokenizer, max_prompt_length=16, images="process",
                          processor=load_vision_processor(str(TOKENIZER), tokenizer))
     prompts = torch.tensor([data.prompt_ids(i) for i in range(len(data))])
-    pixels = torch.cat([data.image_inputs(i).pixel_values for i in range(len(data))])
+    pixels = data.processor.pixels([row.images[0] for row in data.rows]).pixel_values  # one tile each
     answers = torch.tensor([tokenizer.convert_tokens_to_ids(data.rows[i].ground_truth) for i in range(len(data))])
     return prompts, pixels, answers
 
