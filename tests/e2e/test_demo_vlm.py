@@ -103,6 +103,10 @@ def test_demo_vlm_pieces_run(tmp_path, capsys):
     """The warm-up script, the conversion and a GNDPO step with images on demo_vlm.yaml, cut to a few steps
     (in this process where they can be: the demo's own subprocesses would import torch five times)."""
     import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
 
     from tests.harness import run_distributed
 
@@ -115,9 +119,12 @@ def test_demo_vlm_pieces_run(tmp_path, capsys):
     sft.main(["--role", "student", "--steps", "2", "--batch", "8", "--out", str(tmp_path / "hf_student")])
     assert "cached" in capsys.readouterr().out  # the demo's cache: same recipe, not retrained
     assert 0.0 <= recipe["val_acc"] <= 1.0
-    # another seed for the teacher: a teacher equal to the student gives zero log-ratios and no gradient
-    sft.main(["--role", "student", "--steps", "2", "--batch", "8", "--seed", "1",
-              "--out", str(tmp_path / "hf_teacher")])
+    # the teacher: the student's weights moved (an equal teacher gives zero log-ratios and no gradient)
+    shutil.copytree(tmp_path / "hf_student", tmp_path / "hf_teacher")
+    weights = load_file(tmp_path / "hf_teacher" / "model.safetensors")
+    torch.manual_seed(0)
+    save_file({k: v + 0.05 * torch.randn_like(v) for k, v in weights.items()},
+              tmp_path / "hf_teacher" / "model.safetensors", metadata={"format": "pt"})
     metrics, val = run_distributed(_convert_and_step, 1,
                                    args=(str(tmp_path), str(demo_vlm.DEFAULT_CONFIG), demo_vlm.TP))[0]
     assert metrics["estimator/valid_tokens"] > 0 and metrics["actor/grad_norm"] > 0
