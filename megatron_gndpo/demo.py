@@ -46,12 +46,12 @@ class DemoError(RuntimeError):
     pass
 
 
-def _run(cmd, env):
+def run_command(cmd, env):
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO, env=env)
 
 
-def _read_metrics(path: Path):
+def read_metrics(path: Path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -87,7 +87,7 @@ def fresh_run_dir(run_dir: Path) -> None:
                                   "next run; delete this file to keep the directory from it\n")
 
 
-def _plot(runs, out: Path):
+def plot_runs(runs, out: Path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,7 +125,7 @@ def main(argv=None):
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
     for role, recipe in SFT.items():
-        _run([sys.executable, "examples/arithmetic/train_sft.py", "--config", args.config, "--role", role,
+        run_command([sys.executable, "examples/arithmetic/train_sft.py", "--config", args.config, "--role", role,
               "--steps", str(recipe["steps"]), "--lr", str(recipe["lr"]), "--decay", recipe["decay"],
               "--threads", str(SFT_THREADS),
               "--out", str(out / role), "parallel.tensor_model_parallel_size=1"], env)
@@ -138,12 +138,12 @@ def main(argv=None):
     for est in ESTIMATORS:
         run_dir = out / est
         fresh_run_dir(run_dir)
-        _run(torchrun + ["-m", "megatron_gndpo.train", "--config", args.config, f"algorithm.estimator={est}",
+        run_command(torchrun + ["-m", "megatron_gndpo.train", "--config", args.config, f"algorithm.estimator={est}",
                          f"trainer.output_dir={run_dir}", f"teacher.checkpoint={out / 'teacher'}",
                          f"student_checkpoint={out / 'student'}", *args.overrides], env)
-        runs[est] = _read_metrics(run_dir / "metrics.jsonl")
+        runs[est] = read_metrics(run_dir / "metrics.jsonl")
 
-    _plot(runs, out / "gndpo_vs_opd.png")
+    plot_runs(runs, out / "gndpo_vs_opd.png")
     acc = {}
     for est, rows in runs.items():
         acc[est] = [r["val/acc"] for r in rows if "val/acc" in r]

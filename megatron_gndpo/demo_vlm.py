@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from megatron_gndpo.demo import MARKER, DemoError, _plot, _read_metrics, _run, check_owned_dir, fresh_run_dir
+from megatron_gndpo.demo import MARKER, DemoError, check_owned_dir, fresh_run_dir, plot_runs, read_metrics, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "examples" / "configs" / "demo_vlm.yaml"
@@ -69,21 +69,24 @@ def main(argv=None):
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
     for role, recipe in SFT.items():
-        _run([sys.executable, SFT_SCRIPT, "--role", role, "--steps", str(recipe["steps"]), "--lr", str(recipe["lr"]),
-              "--decay", recipe["decay"], "--threads", str(SFT_THREADS), "--out", str(out / f"hf_{role}")], env)
-        # a few seconds; --overwrite replaces only an earlier conversion (check_out has made sure)
-        _run([sys.executable, "-m", "megatron_gndpo.cli", "convert", "hf-to-megatron", "--hf", str(out / f"hf_{role}"),
-              "--out", str(out / role), "--tp", str(TP), "--overwrite"], env)
+        hf_dir = out / f"hf_{role}"
+        run_command([sys.executable, SFT_SCRIPT, "--role", role, "--steps", str(recipe["steps"]),
+                     "--lr", str(recipe["lr"]), "--decay", recipe["decay"], "--threads", str(SFT_THREADS),
+                     "--out", str(hf_dir)], env)
+        # --overwrite replaces only an earlier conversion (check_out has made sure)
+        run_command([sys.executable, "-m", "megatron_gndpo.cli", "convert", "hf-to-megatron", "--hf", str(hf_dir),
+                     "--out", str(out / role), "--tp", str(TP), "--overwrite"], env)
     teacher_acc = json.loads((out / "hf_teacher" / RECIPE_FILE).read_text())["val_acc"]
 
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one thread per rank: the count stays fixed
     run_dir = out / "gndpo"
     fresh_run_dir(run_dir)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc), "-m",
-          "megatron_gndpo.train", "--config", args.config, f"trainer.output_dir={run_dir}",
-          f"teacher.checkpoint={out / 'teacher'}", f"student_checkpoint={out / 'student'}", *args.overrides], env)
-    rows = _read_metrics(run_dir / "metrics.jsonl")
-    _plot({"gndpo": rows}, out / "gndpo.png")
+    run_command([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc), "-m",
+                 "megatron_gndpo.train", "--config", args.config, f"trainer.output_dir={run_dir}",
+                 f"teacher.checkpoint={out / 'teacher'}", f"student_checkpoint={out / 'student'}",
+                 *args.overrides], env)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    plot_runs({"gndpo": rows}, out / "gndpo.png")
     acc = [r["val/acc"] for r in rows if "val/acc" in r]
     print("gndpo: held-out accuracy per validation: " + " ".join(f"{v:.3f}" for v in acc))
     print(f"plot: {out / 'gndpo.png'}")
