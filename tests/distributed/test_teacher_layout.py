@@ -30,6 +30,7 @@ def _student_rows(rank: int) -> dict:
 
 
 def _scores_per_layout(groups):
+    """Harness function: each layout's scores of this rank's rows, and a whole teacher's on the rank."""
     import torch.distributed as dist
 
     from megatron_gndpo.config.schema import TeacherConfig
@@ -61,12 +62,23 @@ def _scores_per_layout(groups):
     return out
 
 
-def test_teacher_on_its_own_layout_scores_like_the_students_layout():
+def _both(groups, tmp):
+    """Harness function: both checks in one 4-rank world (one start-up of 4 processes instead of two)."""
+    return {"scores": _scores_per_layout(groups), "steps": _step_both_layouts(groups, tmp)}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("teacher_layout")
+    run_distributed(make_initial_checkpoints, 1, args=(str(tmp),))
+    return run_distributed(_both, 4, args=(str(tmp),), timeout_s=240)
+
+
+def test_teacher_on_its_own_layout_scores_like_the_students_layout(results):
     """Teacher TP2 x PP2, TP2 x DP2 and TP4 on 4 ranks whose student is TP1 x DP4 (rows of different counts
     and widths per rank, packed student micro-batches once): each rank gets back its rows' log-probs, top-k
     ids and top-k log-probs, equal to a whole teacher on the rank itself (float32)."""
-    results = run_distributed(_scores_per_layout, 4, timeout_s=120)
-    for rank, out in enumerate(results):
+    for rank, out in enumerate(r["scores"] for r in results):
         ref, mask = out["reference"], out["mask"]
         assert ref["teacher_logprobs"].shape == mask.shape
         for tp, pp, _ in LAYOUTS:
@@ -86,6 +98,7 @@ COMPARED = ("actor/policy_loss", "actor/grad_norm", "score/mean", "score/std", "
 
 
 def _step_both_layouts(groups, tmp):
+    """Harness function: one trainer step with the teacher on the student's layout, then on TP2 x PP2."""
     from megatron_gndpo.distributed.init import destroy_parallel
     from megatron_gndpo.models.weights import gather_global_weights
     from megatron_gndpo.trainer.trainer import Trainer
@@ -104,11 +117,10 @@ def _step_both_layouts(groups, tmp):
     return out
 
 
-def test_gndpo_step_with_the_teacher_on_its_own_layout(tmp_path):
+def test_gndpo_step_with_the_teacher_on_its_own_layout(results):
     """One GNDPO step on 4 ranks (student TP1 x DP4), the teacher loaded from its checkpoint on the student's
     layout, then on TP2 x PP2: the same losses, statistics and updated weights."""
-    run_distributed(make_initial_checkpoints, 1, args=(str(tmp_path),))
-    out = run_distributed(_step_both_layouts, 4, args=(str(tmp_path),), timeout_s=150)
+    out = [r["steps"] for r in results]
     same, own = (next(o[k][0] for o in out if o[k][0] is not None) for k in ("same", "own"))
     for key in COMPARED:
         assert own[key] == pytest.approx(same[key], rel=1e-5, abs=1e-6), key
