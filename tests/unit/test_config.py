@@ -53,7 +53,8 @@ def test_teacher_layout_defaults_to_the_students_and_refuses_what_it_cannot_do()
     own = load_config(None, ["teacher.parallel.tensor_model_parallel_size=2",
                              "teacher.parallel.pipeline_model_parallel_size=3"])
     assert own.teacher_on_own_layout
-    assert (own.teacher_parallel.tensor_model_parallel_size, own.teacher_parallel.pipeline_model_parallel_size) == (2, 3)
+    layout = own.teacher_parallel
+    assert (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size) == (2, 3)
     assert own.parallel.tensor_model_parallel_size == 1
     with pytest.raises(ValueError, match=r"teacher.model.num_hidden_layers \(3\) must be divisible by "
                                          r"teacher.parallel.pipeline_model_parallel_size \(2\)"):
