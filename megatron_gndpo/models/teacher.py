@@ -186,7 +186,7 @@ class TeacherOnOwnLayout:
        that one SUM all-reduce over the world completes (each element is written by exactly one rank, so
        the sum is exact); every student rank keeps its own rows.
 
-    What moves per step: 3 integers per token of the step to every rank, then the outputs of the step (one
+    What moves per step: 3 int32 per token of the step to every rank, then the outputs of the step (one
     float32 per token; with top-k another ``2k + 1`` numbers) all-reduced over the world: never logits."""
 
     def __init__(self, teacher: Teacher, student_groups: ProcessGroups,
@@ -199,32 +199,35 @@ class TeacherOnOwnLayout:
         the student's last stage, {} elsewhere."""
         g, t = self.student_groups, self.teacher.groups
         rows, mine = gather_step_rows(microbatches, g.dp)
-        n = rows["tokens"].shape[0]
+        n, width = rows.shape[0], rows.shape[2]
         if n < t.dp_size:
             raise ValueError(f"the step has {n} rows, fewer than the teacher's {t.dp_size} data-parallel ranks "
                              "(teacher.parallel): raise trainer.prompts_per_step or rollout.n_samples")
         lo, hi = t.dp_rank * n // t.dp_size, (t.dp_rank + 1) * n // t.dp_size
-        scored = self.teacher.score(self.form({k: v[lo:hi] for k, v in rows.items()}))
+        share = rows[lo:hi]
+        scored = self.teacher.score(self.form({
+            "tokens": share[:, 0].long(), "labels": share[:, 1].long(), "mask": share[:, 2].bool(),
+            "position_ids": torch.arange(width, device=rows.device).expand(hi - lo, width).contiguous()}))
         writes = t.is_last_stage and t.tp_rank == 0
         out = {}
         for key, (tail, dtype) in self.teacher.output_shapes().items():
-            full = torch.zeros((n, rows["tokens"].shape[1], *tail), dtype=dtype, device=t.device)
+            full = torch.zeros((n, width, *tail), dtype=dtype, device=t.device)
             if writes:
                 full[lo:hi, :scored[key].shape[1]] = scored[key]
             out[key] = all_reduce(full, group=dist.group.WORLD)[mine]
         return out if g.is_last_stage else {}
 
 
-def gather_step_rows(microbatches: List[MicroBatch], group) -> Tuple[MicroBatch, Tuple[slice, slice]]:
-    """Collective over ``group`` (the student's data-parallel group): the step's rows, every rank's
-    ``tokens`` / ``labels`` / ``mask`` ``[B_r, W_r]`` (read back from its micro-batches: a packed one's tokens
-    through its ``unpack`` index) stacked in rank order at the widest width, with ``position_ids``
-    ``[N, W]``; and the index of this rank's ``[B_r, W_r]`` in them. Integers only: two all-gathers."""
+def gather_step_rows(microbatches: List[MicroBatch], group) -> Tuple[torch.Tensor, Tuple[slice, slice]]:
+    """Collective over ``group`` (the student's data-parallel group): the step's rows ``[N, 3, W]`` int32,
+    every rank's ``tokens`` / ``labels`` / ``mask`` ``[B_r, W_r]`` (read back from its micro-batches: a packed
+    one's tokens through its ``unpack`` index) stacked in rank order at the widest width (zero beyond a
+    row's own); and the index of this rank's ``[B_r, W_r]`` in them. Two all-gathers."""
     parts = {k: [] for k in ("tokens", "labels", "mask")}
     for mb in microbatches:
         tokens = mb["tokens"].reshape(-1)[mb["unpack"]] if "cu_seqlens" in mb else mb["tokens"]
         for k, v in (("tokens", tokens), ("labels", mb["labels"]), ("mask", mb["mask"])):
-            parts[k].append(v.long())
+            parts[k].append(v.to(torch.int32))  # token ids fit int32: half the bytes of int64
     local = torch.stack([gather_rows(parts[k], microbatches) for k in parts], dim=1)  # [B, 3, W]
     sizes = all_gather(torch.tensor([list(local.shape[::2])], device=local.device), group)  # [ranks, (B, W)]
     most_rows, width = (int(x) for x in sizes.max(dim=0).values)
@@ -233,7 +236,4 @@ def gather_step_rows(microbatches: List[MicroBatch], group) -> Tuple[MicroBatch,
     everyone = all_gather(padded, group).view(-1, most_rows, 3, width)
     rows = torch.cat([everyone[r, :int(b)] for r, b in enumerate(sizes[:, 0])])
     start = int(sizes[:group_rank(group), 0].sum())
-    n = rows.shape[0]
-    return ({"tokens": rows[:, 0], "labels": rows[:, 1], "mask": rows[:, 2].bool(),
-             "position_ids": torch.arange(width, device=rows.device).expand(n, width).contiguous()},
-            (slice(start, start + local.shape[0]), slice(0, local.shape[2])))
+    return rows, (slice(start, start + local.shape[0]), slice(0, local.shape[2]))

@@ -170,8 +170,8 @@ def estimate_memory(student: ModelConfig, teacher: ModelConfig, layout: Layout, 
                                             work.transformer_impl)
     parts["teacher activations and logits"] = (mb * work.sequence / layout.cp * teacher_layer * work.param_bytes
                                                + logits_bytes(teacher, t_layout, work, mb))
-    # on its own layout: the step's token ids, labels and masks (3 int64) and each output [rows, S] on every rank
-    parts["teacher rows exchanged"] = (work.rows * work.sequence * (3 * 8 + per_token_outputs(work))
+    # on its own layout: the step's token ids, labels and masks (3 int32) and each output [rows, S] on every rank
+    parts["teacher rows exchanged"] = (work.rows * work.sequence * (3 * 4 + per_token_outputs(work))
                                        if work.teacher_on_own_layout else 0.0)
     passes = {"no_recompute": training_pass_bytes(student, layout, work, recompute=False),
               "recompute": training_pass_bytes(student, layout, work, recompute=True)}

@@ -62,7 +62,7 @@ def _forward_s(model: ModelConfig, tokens: float, context: float, layout: Layout
 def _teacher_scoring_s(teacher: ModelConfig, t_layout: Layout, work: Workload, gpu: GPU, bandwidth: float,
                        calib: Calibration) -> float:
     """The teacher's forward over its DP rank's share of the step on ``t_layout``; on a layout of its own
-    (``teacher.parallel``) plus the exchange: the step's token ids, labels and masks all-gathered (3 int64 per
+    (``teacher.parallel``) plus the exchange: the step's token ids, labels and masks all-gathered (3 int32 per
     token received by every rank) and its outputs all-reduced over every GPU."""
     rows = work.rows / t_layout.dp
     microbatches = max(math.ceil(rows / work.microbatch_rows), 1)
@@ -71,7 +71,7 @@ def _teacher_scoring_s(teacher: ModelConfig, t_layout: Layout, work: Workload, g
     if not work.teacher_on_own_layout:
         return seconds
     step_tokens = work.rows * work.sequence
-    return (seconds + step_tokens * 3 * 8 / bandwidth
+    return (seconds + step_tokens * 3 * 4 / bandwidth
             + _ring_all_reduce_s(step_tokens * per_token_outputs(work), t_layout.gpus, bandwidth,
                                  calib.collective_latency_s))
 

@@ -105,7 +105,7 @@ def test_the_teacher_on_its_own_layout_is_planned_on_it():
     want = estimate_memory(student, teacher, teacher_layout, same, GPUS["h100"])
     assert got.parts["teacher weights (resident)"] == teacher_weight_bytes(teacher, teacher_layout, same)
     assert got.parts["teacher activations and logits"] == want.parts["teacher activations and logits"]
-    assert got.parts["teacher rows exchanged"] == 32 * 384 * (24 + 4)
+    assert got.parts["teacher rows exchanged"] == 32 * 384 * (12 + 4)
     assert estimate_memory(student, teacher, student_layout, same, GPUS["h100"]).parts["teacher rows exchanged"] == 0
     assert (estimate_time(student, teacher, student_layout, own, GPUS["h100"]).phases["teacher scoring"]
             > estimate_time(student, teacher, teacher_layout, same, GPUS["h100"]).phases["teacher scoring"])
