@@ -59,6 +59,10 @@ def _scores_per_layout(groups):
         t = teacher(common.parallel(tp, pp), own)
         load_global_weights(t.model, weights)
         out[(tp, pp)] = TeacherOnOwnLayout(t, groups, form).score(form(batch, pack))
+    try:
+        layout_groups(common.parallel(3), groups.device)
+    except ValueError as e:
+        out["refused"] = str(e)
     return out
 
 
@@ -77,8 +81,11 @@ def results(tmp_path_factory):
 def test_teacher_on_its_own_layout_scores_like_the_students_layout(results):
     """Teacher TP2 x PP2, TP2 x DP2 and TP4 on 4 ranks whose student is TP1 x DP4 (rows of different counts
     and widths per rank, packed student micro-batches once): each rank gets back its rows' log-probs, top-k
-    ids and top-k log-probs, equal to a whole teacher on the rank itself (float32)."""
+    ids and top-k log-probs, equal to a whole teacher on the rank itself (float32). A teacher TP that does not
+    divide the world is refused on every rank, naming the key."""
     for rank, out in enumerate(r["scores"] for r in results):
+        assert out["refused"] == ("world size 4 is not divisible by teacher.parallel.tensor_model_parallel_size (3) x "
+                                  "teacher.parallel.pipeline_model_parallel_size (1)")
         ref, mask = out["reference"], out["mask"]
         assert ref["teacher_logprobs"].shape == mask.shape
         for tp, pp, _ in LAYOUTS:
