@@ -1,7 +1,8 @@
 """Process start-up from torchrun's environment (or a lone process) and the process groups.
 
-``init_parallel`` is the only place that touches megatron's ``parallel_state``; everything
-downstream receives the :class:`ProcessGroups` it returns.
+``init_parallel`` is the only place that sets up megatron's ``parallel_state`` (and, with
+``layout_groups``, the only places that read it); everything downstream receives the
+:class:`ProcessGroups` they return.
 """
 
 from __future__ import annotations
@@ -138,8 +139,7 @@ def init_parallel(
     )
 
 
-def layout_groups(parallel: ParallelConfig, device: torch.device, *,
-                  section: str = "teacher.parallel") -> ProcessGroups:
+def layout_groups(parallel: ParallelConfig, device: torch.device) -> ProcessGroups:
     """Collective over the world (after :func:`init_parallel`): the groups of a second TP x PP layout of the
     same world, for a model that runs beside the student on its own layout (the teacher). Megatron's
     default rank order (TP fastest, then DP, then PP: ``rank = tp_rank + TP (dp_rank + DP pp_rank)``),
@@ -158,17 +158,18 @@ def layout_groups(parallel: ParallelConfig, device: torch.device, *,
     world = dist.get_world_size()
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if world % (tp * pp) != 0:
-        raise ValueError(f"world size {world} is not divisible by {section}.tensor_model_parallel_size ({tp}) x "
-                         f"{section}.pipeline_model_parallel_size ({pp})")
+        raise ValueError(f"world size {world} is not divisible by teacher.parallel.tensor_model_parallel_size ({tp}) "
+                         f"x teacher.parallel.pipeline_model_parallel_size ({pp})")
     cp = parallel_state.get_context_parallel_group()
     if cp.size() != 1:
-        raise ValueError(f"{section} needs context parallelism 1, got {cp.size()}")
+        raise ValueError(f"teacher.parallel needs context parallelism 1, got {cp.size()}")
     grid = HyperCommGrid([tp, world // (tp * pp), pp], ["tp", "dp", "pp"])
     groups = {name: grid.create_pg(name) for name in ("tp", "dp", "pp")}
     groups["mp"] = grid.create_pg(["tp", "pp"])
     # every rank makes every new_group call; the first and last rank of each pipeline share the embedding
     ends = [[ranks[0], ranks[-1]] for ranks in grid.get_rank_enum("pp")] if pp > 1 else None
     embd = dist.new_subgroups_by_enumeration(ends)[0] if ends else None
+    # with CP 1, DP x CP is DP and TP x CP is TP
     collection = ProcessGroupCollection(tp=groups["tp"], pp=groups["pp"], mp=groups["mp"], dp=groups["dp"],
                                         dp_cp=groups["dp"], cp=cp, tp_cp=groups["tp"], embd=embd, pos_embd=None)
     return ProcessGroups(tp=groups["tp"], pp=groups["pp"], dp=groups["dp"], dp_cp=groups["dp"], mp=groups["mp"],
