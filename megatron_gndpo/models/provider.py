@@ -152,10 +152,11 @@ def build_gpt_model(
 
     ``pg_collection`` (megatron-core's ``ProcessGroupCollection``, see ``distributed/init.py::layout_groups``)
     builds it on groups other than ``parallel_state``'s: its embedding, TP linears, attention, vocab-parallel
-    output and layer offsets read those. megatron-core 0.16 still reads ``parallel_state`` in a few places
-    that such a model never reaches here: GPU random init's per-TP-rank RNG stream (random weights differ
-    from the CPU-initialised ones anyway; real teachers load a checkpoint) and the replica id of a tied
-    output layer in its sharded state dict (a copy, never written by the frozen teacher)."""
+    output and layer offsets read those. megatron-core 0.16 still reads ``parallel_state`` in a few places,
+    none of which changes what such a model computes: GPU random init's per-TP-rank RNG stream (random
+    weights differ from the CPU-initialised ones anyway; real teachers load a checkpoint), the replica id of
+    a tied output layer in its sharded state dict (a copy, never written by the frozen teacher), and the
+    scratch buffer of its unfused ``DotProductAttention`` (memory, no group)."""
     from megatron.core.models.gpt import GPTModel
 
     config = build_transformer_config(model, parallel, precision, cpu_initialization=cpu_initialization)
