@@ -48,12 +48,17 @@ def run_config(tmp: Path, overrides=(), **sections):
 
 
 def make_initial_checkpoints(groups, tmp: str):
-    """Harness function (1 rank): random student / teacher weights saved as dist-checkpoints."""
+    """Harness function (any number of ranks, TP1 x PP1): random student / teacher weights saved as
+    dist-checkpoints, the same from every rank."""
+    import torch.distributed as dist
+
     from megatron_gndpo.checkpoint.dist_ckpt import save_model_weights
     from megatron_gndpo.models.provider import build_gpt_model
 
     tmp = Path(tmp)
-    write_prompts(tmp / "train.parquet")
+    if dist.get_rank() == 0:
+        write_prompts(tmp / "train.parquet")
+    dist.barrier()
     cfg = run_config(tmp)
     for arch, name in ((cfg.model, "student"), (cfg.teacher.model, "teacher")):
         model = build_gpt_model(arch, cfg.parallel, cfg.precision, pre_process=True, post_process=True)

@@ -89,7 +89,7 @@ def write_meta(path: str | os.PathLike, model: ModelConfig, parallel_layout: Dic
 
 
 def load_model_weights(model, path: str | os.PathLike, model_config: ModelConfig, role: str, *,
-                       vision_language: bool = False) -> None:
+                       vision_language: bool = False, dp_cp_group=None) -> None:
     """Weights of ``model`` (one pipeline stage, any TP x PP) from a checkpoint written at any layout
     (or the one a checkpoint root's ``latest`` names). Collective. Every file's size is checked first,
     and its content hash with ``MEGATRON_GNDPO_VERIFY_HASHES=1``.
@@ -100,7 +100,10 @@ def load_model_weights(model, path: str | os.PathLike, model_config: ModelConfig
 
     A checkpoint whose vocabulary was padded for another TP loads as well: megatron marks the
     embedding and output layer ``allow_shape_mismatch``, so the stored rows that fit are read
-    exactly and the model's padding rows past the stored ones are zero."""
+    exactly and the model's padding rows past the stored ones are zero.
+
+    ``dp_cp_group``: the data-parallel group of a model built on groups of its own (the teacher on
+    ``teacher.parallel``), which names its replicas; None: ``parallel_state``'s."""
     from megatron.core import dist_checkpointing
 
     path = resolve_checkpoint(path)
@@ -111,7 +114,8 @@ def load_model_weights(model, path: str | os.PathLike, model_config: ModelConfig
                          "megatron_gndpo.models.vlm.load_internvl_checkpoint")
     verify_checkpoint(path, hashes=hashes_requested())
     check_architecture(path, model_config, role)
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    metadata = None if dp_cp_group is None else {"dp_cp_group": dp_cp_group}
+    state = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=metadata)}, str(path))
     model.load_state_dict(state["model"], strict=True)
 
 

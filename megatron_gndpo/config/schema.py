@@ -110,16 +110,32 @@ class ParallelConfig:
         _check(not (self.sequence_parallel and self.tensor_model_parallel_size == 1),
                "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
 
-    def check_model(self, model: ModelConfig, role: str) -> None:
-        """Divisibility rules megatron asserts deep inside; checked here to name the field."""
+    def check_model(self, model: ModelConfig, role: str, section: str = "parallel") -> None:
+        """Divisibility rules megatron asserts deep inside; checked here to name the field (of ``section``,
+        where this layout was set)."""
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
             _check(getattr(model, name) % tp == 0,
                    f"{role}.{name} ({getattr(model, name)}) must be divisible by "
-                   f"parallel.tensor_model_parallel_size ({tp})")
+                   f"{section}.tensor_model_parallel_size ({tp})")
         _check(model.num_hidden_layers % pp == 0,
                f"{role}.num_hidden_layers ({model.num_hidden_layers}) must be divisible by "
-               f"parallel.pipeline_model_parallel_size ({pp})")
+               f"{section}.pipeline_model_parallel_size ({pp})")
+
+
+@dataclass
+class TeacherLayoutConfig:
+    """The teacher's own TP x PP layout over the same world; its data parallelism takes the rest
+    (world / (TP x PP) ranks, which may differ from the student's)."""
+
+    tensor_model_parallel_size: int = 1
+    """The teacher's TP (its heads, MLP columns and vocabulary split over this many ranks)."""
+    pipeline_model_parallel_size: int = 1
+    """The teacher's PP (its layers split into this many stages)."""
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            _check(getattr(self, name) >= 1, f"teacher.parallel.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -176,6 +192,10 @@ class TeacherConfig:
     """With ``quantize``: the first training prompts (file order; split over data-parallel ranks) that
     the teacher scores before and after quantisation: the first half calibrates the scales, the
     second half measures the log-prob error."""
+    parallel: Optional[TeacherLayoutConfig] = None
+    """The teacher's own TP x PP layout (docs/teacher_layout.md); None, or the student's sizes: the
+    student's layout and groups. Another layout builds the teacher on process groups of its own and moves
+    the step's token ids to it and its log-probs back (never logits)."""
 
     def __post_init__(self):
         _check(self.temperature is None or self.temperature > 0,
@@ -444,7 +464,7 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     """The frozen teacher."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """TP / PP layout (shared by student and teacher)."""
+    """TP / PP layout of the student (and of the teacher unless ``teacher.parallel`` sets its own)."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     """Student numerics (and the teacher's unless it sets its own)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -468,8 +488,10 @@ class RunConfig:
         _check(not (self.teacher.quantize and self.teacher.precision.fp8),
                f"teacher.quantize={self.teacher.quantize!r} and an FP8 teacher precision "
                f"(precision.fp8={self.teacher.precision.fp8!r}) are two FP8 schemes; choose one")
+        self.parallel.check_model(self.model, "model")
+        self.teacher_parallel.check_model(self.teacher.model, "teacher.model",
+                                          "teacher.parallel" if self.teacher_on_own_layout else "parallel")
         for role, model in (("model", self.model), ("teacher.model", self.teacher.model)):
-            self.parallel.check_model(model, role)
             # the rollout and the teacher's scoring see prompt + response, both at most this long
             longest = self.data.max_prompt_length + self.rollout.max_new_tokens
             _check(longest <= model.max_position_embeddings,
@@ -499,9 +521,40 @@ class RunConfig:
                                      (self.teacher.offload, "teacher.offload (the vision tower is not offloaded)")):
                 _check(not unsupported, f"data.images=process does not take {why} yet (docs/multimodal.md)")
         self._check_teacher_comparisons()
+        self._check_teacher_layout()
         # Teacher and student may differ in vocab_size and padding; that they share one tokenizer is
         # checked with the tokenizer files, at Trainer init (check_same_vocabulary, check_checkpoint_tokenizers).
 
+
+    @property
+    def teacher_on_own_layout(self) -> bool:
+        """Whether ``teacher.parallel`` sets a TP x PP other than the student's."""
+        own, p = self.teacher.parallel, self.parallel
+        return own is not None and (own.tensor_model_parallel_size, own.pipeline_model_parallel_size) != (
+            p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+
+    @property
+    def teacher_parallel(self) -> ParallelConfig:
+        """The layout the teacher is built with: the student's, or ``teacher.parallel``'s TP x PP (with
+        sequence parallelism when the student uses it and the teacher's TP > 1; never a distributed
+        optimizer: the teacher has none)."""
+        if not self.teacher_on_own_layout:
+            return self.parallel
+        tp = self.teacher.parallel.tensor_model_parallel_size
+        return ParallelConfig(tensor_model_parallel_size=tp,
+                              pipeline_model_parallel_size=self.teacher.parallel.pipeline_model_parallel_size,
+                              sequence_parallel=self.parallel.sequence_parallel and tp > 1)
+
+    def _check_teacher_layout(self) -> None:
+        """What a teacher on its own layout does not do yet (docs/teacher_layout.md): everything that runs
+        the teacher on the student's micro-batches rather than on the rows it is sent. (That the world
+        divides into the teacher's TP x PP is checked when its groups are built, where the world is known.)"""
+        if not self.teacher_on_own_layout:
+            return
+        for unsupported, why in (
+                (bool(self.teacher.quantize), "teacher.quantize (ModelOpt calibrates on the student's micro-batches)"),
+                (self.data.images == "process", "data.images=process (images are not sent to the teacher's ranks)")):
+            _check(not unsupported, f"teacher.parallel (a layout other than the student's) does not take {why}")
 
     def _check_packing(self) -> None:
         """What token budgets and packed rows need: one response fits a micro-batch's budget, and packing
@@ -535,6 +588,10 @@ class RunConfig:
         if not uses or div.top_k is not None:
             return
         what = " and ".join(uses)
+        _check(not self.teacher_on_own_layout,
+               f"{what} over the full vocabulary (algorithm.divergence.top_k=null) recomputes the teacher's logits "
+               "inside the student's micro-batch, which a teacher on its own layout (teacher.parallel) cannot; set "
+               "algorithm.divergence.top_k (the top-k ids travel back with the log-probs)")
         _check(self.parallel.pipeline_model_parallel_size == 1,
                f"{what} over the full vocabulary (algorithm.divergence.top_k=null) needs "
                f"parallel.pipeline_model_parallel_size=1 (got {self.parallel.pipeline_model_parallel_size}): the "

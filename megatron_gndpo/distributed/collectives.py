@@ -37,3 +37,15 @@ def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group: Optional[ProcessGro
     if group_size(group) > 1:
         dist.all_reduce(t, op=op, group=group)
     return t
+
+
+def all_gather(t: torch.Tensor, group: Optional[ProcessGroup] = None) -> torch.Tensor:
+    """``t`` of every rank of ``group`` (same shape everywhere), concatenated along dim 0 in rank order.
+
+    ``group=None`` or a group of one rank: ``t`` itself, no communication."""
+    n = group_size(group)
+    if n == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(n)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)

@@ -1,7 +1,8 @@
 """Process start-up from torchrun's environment (or a lone process) and the process groups.
 
-``init_parallel`` is the only place that touches megatron's ``parallel_state``; everything
-downstream receives the :class:`ProcessGroups` it returns.
+``init_parallel`` is the only place that sets up megatron's ``parallel_state`` (and, with
+``layout_groups``, the only places that read it); everything downstream receives the
+:class:`ProcessGroups` they return.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import random
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -39,6 +40,11 @@ class ProcessGroups:
     """Where this rank's tensors live: its GPU under NCCL, the CPU under gloo. Decided once, here, from
     the backend the groups talk over, so that every tensor a step builds or all-reduces is on the
     device its collectives need (NCCL cannot reduce CPU tensors; gloo cannot reduce CUDA ones)."""
+    megatron: Optional[Any] = None
+    """These groups as megatron-core's models and schedules take them (a ``ProcessGroupCollection``,
+    their ``pg_collection``) when they are not megatron's global ``parallel_state`` ones: a second
+    layout of the world (:func:`layout_groups`, the teacher's ``teacher.parallel``). None: the groups
+    :func:`init_parallel` gave ``parallel_state``, which megatron-core reads by default."""
 
     @property
     def tp_size(self) -> int:
@@ -131,6 +137,43 @@ def init_parallel(
         mp=parallel_state.get_model_parallel_group(),
         device=device,
     )
+
+
+def layout_groups(parallel: ParallelConfig, device: torch.device) -> ProcessGroups:
+    """Collective over the world (after :func:`init_parallel`): the groups of a second TP x PP layout of the
+    same world, for a model that runs beside the student on its own layout (the teacher). Megatron's
+    default rank order (TP fastest, then DP, then PP: ``rank = tp_rank + TP (dp_rank + DP pp_rank)``),
+    built with megatron-core's ``HyperCommGrid`` without touching ``parallel_state``, whose groups stay
+    the student's. ``.megatron`` holds them as the ``ProcessGroupCollection`` that the model's modules and
+    the pipeline schedule are given.
+
+    Context parallelism is 1 (the project does not wire it yet): the CP group, which megatron's rotary
+    embedding and schedules read the size of, is ``parallel_state``'s, the group of this rank alone, the
+    same for every layout. ``embd`` joins the first and last stage of each pipeline (tied embeddings are
+    made equal over it at construction); ``pos_embd`` is None (RoPE has no position embedding)."""
+    from megatron.core import parallel_state
+    from megatron.core.hyper_comm_grid import HyperCommGrid
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    world = dist.get_world_size()
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    if world % (tp * pp) != 0:
+        raise ValueError(f"world size {world} is not divisible by teacher.parallel.tensor_model_parallel_size ({tp}) "
+                         f"x teacher.parallel.pipeline_model_parallel_size ({pp})")
+    cp = parallel_state.get_context_parallel_group()
+    if cp.size() != 1:
+        raise ValueError(f"teacher.parallel needs context parallelism 1, got {cp.size()}")
+    grid = HyperCommGrid([tp, world // (tp * pp), pp], ["tp", "dp", "pp"])
+    groups = {name: grid.create_pg(name) for name in ("tp", "dp", "pp")}
+    groups["mp"] = grid.create_pg(["tp", "pp"])
+    # every rank makes every new_group call; the first and last rank of each pipeline share the embedding
+    ends = [[ranks[0], ranks[-1]] for ranks in grid.get_rank_enum("pp")] if pp > 1 else None
+    embd = dist.new_subgroups_by_enumeration(ends)[0] if ends else None
+    # with CP 1, DP x CP is DP and TP x CP is TP
+    collection = ProcessGroupCollection(tp=groups["tp"], pp=groups["pp"], mp=groups["mp"], dp=groups["dp"],
+                                        dp_cp=groups["dp"], cp=cp, tp_cp=groups["tp"], embd=embd, pos_embd=None)
+    return ProcessGroups(tp=groups["tp"], pp=groups["pp"], dp=groups["dp"], dp_cp=groups["dp"], mp=groups["mp"],
+                         device=device, megatron=collection)
 
 
 def seed_everything(seed: int, tensor_parallel=None) -> None:

@@ -146,11 +146,25 @@ def build_gpt_model(
     pre_process: bool,
     post_process: bool,
     cpu_initialization: Optional[bool] = None,
+    pg_collection=None,
 ):
-    """A megatron-core decoder for this pipeline stage, logits left vocab-sharded (``parallel_output``)."""
+    """A megatron-core decoder for this pipeline stage, logits left vocab-sharded (``parallel_output``).
+
+    ``pg_collection`` (megatron-core's ``ProcessGroupCollection``, see ``distributed/init.py::layout_groups``)
+    builds it on groups other than ``parallel_state``'s: its embedding, TP linears, attention, vocab-parallel
+    output and layer offsets read those. megatron-core 0.16 still reads ``parallel_state`` in a few places,
+    none of which changes what such a model computes: GPU random init's per-TP-rank RNG stream (random
+    weights differ from the CPU-initialised ones anyway; real teachers load a checkpoint), the replica id of
+    a tied output layer in its sharded state dict (a copy, never written by the frozen teacher), and the
+    scratch buffer of its unfused ``DotProductAttention`` (memory, no group)."""
     from megatron.core.models.gpt import GPTModel
 
     config = build_transformer_config(model, parallel, precision, cpu_initialization=cpu_initialization)
+    if pg_collection is not None:
+        sizes = (pg_collection.tp.size(), pg_collection.pp.size())
+        if sizes != (config.tensor_model_parallel_size, config.pipeline_model_parallel_size):
+            raise ValueError(f"process groups of TP x PP {sizes} for a model configured for "
+                             f"{(config.tensor_model_parallel_size, config.pipeline_model_parallel_size)}")
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model, precision),
@@ -160,6 +174,7 @@ def build_gpt_model(
         post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=model.tie_word_embeddings,
+        pg_collection=pg_collection,
         **rope_kwargs(model),
     )
     # megatron's local norms (torch.nn.RMSNorm when apex is absent) take neither params_dtype nor the

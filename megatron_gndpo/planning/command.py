@@ -20,7 +20,8 @@ from megatron_gndpo.planning.workload import Workload, workload_from_config
 WORKLOAD_FLAGS = {"prompts_per_step": "prompts_per_step", "samples": "samples", "max_prompt": "max_prompt",
                   "max_response": "max_response", "micro_batch_size": "micro_batch_size",
                   "max_tokens_per_microbatch": "max_tokens_per_microbatch",
-                  "mini_batches": "mini_batches", "teacher_weights": "teacher", "top_k": "top_k"}
+                  "mini_batches": "mini_batches", "teacher_weights": "teacher", "top_k": "top_k",
+                  "teacher_tp": "teacher_tp", "teacher_pp": "teacher_pp"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="micro-batches by a token budget (trainer.max_tokens_per_microbatch) instead of rows")
     parser.add_argument("--mini-batches", type=int, default=None, help="optimizer steps per rollout")
     parser.add_argument("--teacher-weights", choices=("bf16", "fp8", "offload"), default=None)
+    for flag in ("tp", "pp"):
+        parser.add_argument(f"--teacher-{flag}", type=int, default=None,
+                            help=f"the teacher's own {flag.upper()} (teacher.parallel; default: the student's)")
     parser.add_argument("--top-k", type=int, default=None, help="teacher top-k log-probs kept per token")
     parser.add_argument("--recompute", action="store_true", help="full activation recomputation")
     parser.add_argument("--config", default=None, help="a run's YAML config: its models, batch shape and layout")

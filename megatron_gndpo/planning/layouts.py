@@ -49,12 +49,19 @@ def layout_problems(student: ModelConfig, teacher: ModelConfig, layout: Layout, 
     if layout.tp > gpu.gpus_per_node:
         problems.append(f"TP {layout.tp} spans nodes ({gpu.gpus_per_node} GPUs each): its all-reduces per layer "
                         "would cross the network")
-    for role, model in (("student", student), ("teacher", teacher)):
+    t_layout = work.teacher_layout(layout)
+    if t_layout.dp == 0 or t_layout.gpus != layout.gpus:
+        problems.append(f"the teacher's TP {t_layout.tp} x PP {t_layout.pp} does not divide {layout.gpus} GPUs")
+    elif work.rows < t_layout.dp:
+        problems.append(f"{work.rows} rows per step are fewer than the teacher's DP {t_layout.dp}")
+    if t_layout.tp > gpu.gpus_per_node and t_layout.tp != layout.tp:
+        problems.append(f"the teacher's TP {t_layout.tp} spans nodes ({gpu.gpus_per_node} GPUs each)")
+    for role, model, own in (("student", student, layout), ("teacher", teacher, t_layout)):
         for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-            if getattr(model, name) % layout.tp:
-                problems.append(f"{role}.{name} ({getattr(model, name)}) is not divisible by TP {layout.tp}")
-        if model.num_hidden_layers % layout.pp:
-            problems.append(f"{role}.num_hidden_layers ({model.num_hidden_layers}) is not divisible by PP {layout.pp}")
+            if getattr(model, name) % own.tp:
+                problems.append(f"{role}.{name} ({getattr(model, name)}) is not divisible by TP {own.tp}")
+        if model.num_hidden_layers % own.pp:
+            problems.append(f"{role}.num_hidden_layers ({model.num_hidden_layers}) is not divisible by PP {own.pp}")
     if work.rows % layout.dp or (work.rows // layout.dp) % work.mini_batches:
         problems.append(f"{work.rows} rows per step do not split into DP {layout.dp} x {work.mini_batches} "
                         "mini-batches")

@@ -59,7 +59,8 @@ class MemoryEstimate:
 PERSISTENT = ("student weights", "student gradients", "optimizer state", "teacher weights (resident)", "score cache")
 PHASE_PARTS = {
     "rollout": PERSISTENT + ("rollout KV cache", "rollout logits"),
-    "teacher": PERSISTENT + ("teacher weights (loaded to score)", "teacher activations and logits"),
+    "teacher": PERSISTENT + ("teacher weights (loaded to score)", "teacher activations and logits",
+                             "teacher rows exchanged"),
     "train": PERSISTENT + ("activations", "logits"),
 }
 
@@ -144,24 +145,34 @@ def teacher_weight_bytes(teacher: ModelConfig, layout: Layout, work: Workload) -
     return n * work.param_bytes
 
 
+def per_token_outputs(work: Workload) -> int:
+    """Bytes of what the teacher returns per token: its log-prob (+ top-k int64 ids and float32 log-probs)."""
+    return FP32 + (work.top_k * (FP32 + 8) if work.top_k else 0)
+
+
 def estimate_memory(student: ModelConfig, teacher: ModelConfig, layout: Layout, work: Workload, gpu: GPU,
                     calibration: Calibration = Calibration()) -> MemoryEstimate:
     """Bytes per GPU of each part and phase (see the module docstring)."""
     rows = work.rows / layout.dp  # each DP rank's share of the step
     parts = model_state_bytes(student, layout, work)
-    teacher_bytes = teacher_weight_bytes(teacher, layout, work)
+    t_layout = work.teacher_layout(layout)  # the student's, or the teacher's own (teacher.parallel)
+    teacher_bytes = teacher_weight_bytes(teacher, t_layout, work)
     parts["teacher weights (resident)"] = 0.0 if work.teacher == "offload" else teacher_bytes
     # teacher, old and rollout log-probs and the advantages per token (+ the teacher's top-k ids and values)
-    per_token = 4 * FP32 + (work.top_k * (FP32 + 8) if work.top_k else 0)
+    per_token = 3 * FP32 + per_token_outputs(work)
     parts["score cache"] = rows * work.sequence * per_token
     parts["rollout KV cache"] = rows * work.sequence * kv_cache_bytes_per_token(student, layout.tp, layout.pp,
                                                                                 work.param_bytes)
     parts["rollout logits"] = rows * student.padded_vocab_size(layout.tp) // layout.tp * FP32
     parts["teacher weights (loaded to score)"] = teacher_bytes if work.teacher == "offload" else 0.0
     mb = work.microbatch_rows
-    teacher_layer = layer_activation_values(teacher, layout.tp, work.sequence_parallel, work.transformer_impl)
+    teacher_layer = layer_activation_values(teacher, t_layout.tp, work.sequence_parallel and t_layout.tp > 1,
+                                            work.transformer_impl)
     parts["teacher activations and logits"] = (mb * work.sequence / layout.cp * teacher_layer * work.param_bytes
-                                               + logits_bytes(teacher, layout, work, mb))
+                                               + logits_bytes(teacher, t_layout, work, mb))
+    # on its own layout: the step's token ids, labels and masks (3 int32) and each output [rows, S] on every rank
+    parts["teacher rows exchanged"] = (work.rows * work.sequence * (3 * 4 + per_token_outputs(work))
+                                       if work.teacher_on_own_layout else 0.0)
     passes = {"no_recompute": training_pass_bytes(student, layout, work, recompute=False),
               "recompute": training_pass_bytes(student, layout, work, recompute=True)}
     parts.update(passes["recompute" if work.recompute else "no_recompute"])

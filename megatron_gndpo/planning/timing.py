@@ -22,7 +22,7 @@ from typing import Dict
 
 from megatron_gndpo.config.schema import ModelConfig
 from megatron_gndpo.planning.hardware import GPU, Calibration
-from megatron_gndpo.planning.memory import FP32, microbatches_per_update
+from megatron_gndpo.planning.memory import FP32, microbatches_per_update, per_token_outputs
 from megatron_gndpo.planning.model import kv_cache_bytes_per_token, matmul_flops_per_token, parameters_per_rank
 from megatron_gndpo.planning.workload import Layout, Workload
 
@@ -59,6 +59,23 @@ def _forward_s(model: ModelConfig, tokens: float, context: float, layout: Layout
                                                   calib.collective_latency_s)
 
 
+def _teacher_scoring_s(teacher: ModelConfig, t_layout: Layout, work: Workload, gpu: GPU, bandwidth: float,
+                       calib: Calibration) -> float:
+    """The teacher's forward over its DP rank's share of the step on ``t_layout``; on a layout of its own
+    (``teacher.parallel``) plus the exchange: the step's token ids, labels and masks all-gathered (3 int32 per
+    token received by every rank) and its outputs all-reduced over every GPU."""
+    rows = work.rows / t_layout.dp
+    microbatches = max(math.ceil(rows / work.microbatch_rows), 1)
+    seconds = _forward_s(teacher, rows * work.sequence, work.sequence / 2, t_layout, gpu, calib.forward_mfu, 1,
+                         microbatches, work.param_bytes, calib)
+    if not work.teacher_on_own_layout:
+        return seconds
+    step_tokens = work.rows * work.sequence
+    return (seconds + step_tokens * 3 * 4 / bandwidth
+            + _ring_all_reduce_s(step_tokens * per_token_outputs(work), t_layout.gpus, bandwidth,
+                                 calib.collective_latency_s))
+
+
 def estimate_time(student: ModelConfig, teacher: ModelConfig, layout: Layout, work: Workload, gpu: GPU,
                   calib: Calibration = Calibration()) -> StepTime:
     """Seconds per phase of one step (see the module docstring)."""
@@ -76,14 +93,13 @@ def estimate_time(student: ModelConfig, teacher: ModelConfig, layout: Layout, wo
     tokens = rows * work.sequence
     context = work.sequence / 2
     scoring_mb = max(math.ceil(rows / work.microbatch_rows), 1)
-    phases["teacher scoring"] = _forward_s(teacher, tokens, context, layout, gpu, calib.forward_mfu, 1, scoring_mb,
-                                           e, calib)
+    bandwidth = gpu.nvlink_bytes_per_s if layout.gpus <= gpu.gpus_per_node else gpu.network_bytes_per_s
+    phases["teacher scoring"] = _teacher_scoring_s(teacher, work.teacher_layout(layout), work, gpu, bandwidth, calib)
     phases["old log-probs"] = _forward_s(student, tokens, context, layout, gpu, calib.forward_mfu, 1, scoring_mb,
                                          e, calib)
     train_mb = microbatches_per_update(layout, work)
     phases["train"] = work.mini_batches * _forward_s(student, tokens / work.mini_batches, context, layout, gpu,
                                                      calib.train_mfu, 4 if work.recompute else 3, train_mb, e, calib)
-    bandwidth = gpu.nvlink_bytes_per_s if layout.gpus <= gpu.gpus_per_node else gpu.network_bytes_per_s
     grads = parameters_per_rank(student, layout.tp, layout.pp) * FP32
     phases["gradient all-reduce"] = work.mini_batches * _ring_all_reduce_s(grads, layout.dp * layout.cp, bandwidth,
                                                                            calib.collective_latency_s)

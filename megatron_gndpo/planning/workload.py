@@ -62,6 +62,20 @@ class Workload:
     host memory outside the scoring phase."""
     top_k: Optional[int] = None
     """Teacher top-k log-probs kept per token for a top-k KL (None: only the sampled token's)."""
+    teacher_tp: Optional[int] = None
+    """The teacher's own TP (``teacher.parallel``); None: the student's."""
+    teacher_pp: Optional[int] = None
+    """The teacher's own PP (``teacher.parallel``); None: the student's."""
+
+    def teacher_layout(self, layout: Layout) -> Layout:
+        """The teacher's layout of ``layout``'s GPUs: the student's, or ``teacher_tp`` x ``teacher_pp`` with
+        DP taking the rest (0 when they do not divide the GPUs: :func:`layout_problems` says so)."""
+        tp, pp = self.teacher_tp or layout.tp, self.teacher_pp or layout.pp
+        return Layout(tp=tp, pp=pp, cp=layout.cp, dp=layout.gpus // (tp * pp * layout.cp))
+
+    @property
+    def teacher_on_own_layout(self) -> bool:
+        return self.teacher_tp is not None or self.teacher_pp is not None
 
     @property
     def rows(self) -> int:
@@ -97,4 +111,6 @@ def workload_from_config(cfg: RunConfig) -> Workload:
         distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         sequence_parallel=cfg.parallel.sequence_parallel,
         transformer_impl="local" if cfg.precision.transformer_impl == "local" else "transformer_engine",
-        teacher="offload" if cfg.teacher.offload else ("fp8" if cfg.teacher.quantize else "bf16"))
+        teacher="offload" if cfg.teacher.offload else ("fp8" if cfg.teacher.quantize else "bf16"),
+        teacher_tp=cfg.teacher_parallel.tensor_model_parallel_size if cfg.teacher_on_own_layout else None,
+        teacher_pp=cfg.teacher_parallel.pipeline_model_parallel_size if cfg.teacher_on_own_layout else None)

@@ -43,6 +43,13 @@ def describe_run(cfg: RunConfig, world_size: int) -> str:
     dp = world_size // (tp * pp)
     lines.append(f"# layout: world {world_size} = TP {tp} x PP {pp} x DP {dp}; "
                  f"{cfg.trainer.prompts_per_step * cfg.rollout.n_samples // dp} responses per DP rank per step")
+    if cfg.teacher_on_own_layout:
+        t = cfg.teacher_parallel
+        t_tp, t_pp = t.tensor_model_parallel_size, t.pipeline_model_parallel_size
+        lines.append(f"# teacher layout (teacher.parallel): TP {t_tp} x PP {t_pp} x DP {world_size // (t_tp * t_pp)}"
+                     if world_size % (t_tp * t_pp) == 0 else
+                     f"# teacher layout: world size {world_size} is not divisible by teacher.parallel's TP {t_tp} x "
+                     f"PP {t_pp}: this run would not start")
     for role, model in (("student", cfg.model), ("teacher", cfg.teacher.model)):
         n = parameter_count(model, tp)
         lines.append(f"# {role}: {n['total'] / 1e9:.3f} B parameters ({model.num_hidden_layers} layers of "

@@ -133,6 +133,7 @@ def run_schedule(
     loss_fn: Optional[LossFn] = None,
     collect_fn: Optional[CollectFn] = None,
     forward_only: bool,
+    pg_collection=None,
 ) -> List[Dict[str, torch.Tensor]]:
     """Run ``microbatches`` (each ``tokens``/``position_ids`` ``[b, T]`` plus loss inputs; shapes may
     differ between micro-batches) through megatron's schedule for this pipeline layout.
@@ -140,8 +141,13 @@ def run_schedule(
     Training: ``loss_fn`` gives a scalar already divided by the step's global normaliser; returns its
     metrics per micro-batch on the last stage ([] elsewhere). Scoring: ``collect_fn`` turns the
     logits of a micro-batch into tensors to keep (e.g. token log-probs); returned likewise.
+
+    ``pg_collection``: the groups ``model`` was built on when they are not ``parallel_state``'s (a teacher
+    on its own layout): the schedule and its pipeline p2p run over them (megatron-core takes them as
+    ``pg_collection`` and a ``P2PCommunicator``); None: ``parallel_state``'s, the student's.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
     from megatron.core.utils import get_model_config
 
     if not microbatches:
@@ -167,8 +173,12 @@ def run_schedule(
         return output, finish
 
     config.variable_seq_lengths = variable or len(shapes) > 1
+    schedule, groups = get_forward_backward_func(), {}
+    if pg_collection is not None:
+        schedule = get_forward_backward_func(pp_size=pg_collection.pp.size())
+        groups = dict(pg_collection=pg_collection, p2p_communicator=P2PCommunicator(pg_collection.pp, config))
     try:
-        return get_forward_backward_func()(
+        return schedule(
             forward_step_func=forward_step,
             data_iterator=iter(microbatches),
             model=[model],
@@ -176,6 +186,7 @@ def run_schedule(
             seq_length=max(s[1] for s in shapes),
             micro_batch_size=max(s[0] for s in shapes),
             forward_only=forward_only,
+            **groups,
         )
     finally:
         config.variable_seq_lengths = variable
@@ -183,11 +194,11 @@ def run_schedule(
 
 @torch.no_grad()
 def forward_outputs(model, microbatches: Sequence[Dict[str, torch.Tensor]], collect_fn: CollectFn,
-                    ) -> Dict[str, torch.Tensor]:
+                    pg_collection=None) -> Dict[str, torch.Tensor]:
     """Forward-only pass of ``microbatches``; what ``collect_fn`` keeps of each (``[b, W, ...]``), put back
     in row order (``row_ids``, :func:`~megatron_gndpo.trainer.batches.gather_rows`: ``[B, max W, ...]``)
-    on the last pipeline stage, {} on the others."""
-    out = run_schedule(model, microbatches, collect_fn=collect_fn, forward_only=True)
+    on the last pipeline stage, {} on the others. ``pg_collection``: as in :func:`run_schedule`."""
+    out = run_schedule(model, microbatches, collect_fn=collect_fn, forward_only=True, pg_collection=pg_collection)
     return {k: gather_rows([o[k] for o in out], microbatches) for k in out[0]} if out else {}
 
 
@@ -211,14 +222,17 @@ def lm_head_bypassed(gpt):
 
 @torch.no_grad()
 def forward_logprobs(model, microbatches: Sequence[Dict[str, torch.Tensor]], readout: LogitsReadout,
-                     key: str) -> Dict[str, torch.Tensor]:
+                     key: str, pg_collection=None) -> Dict[str, torch.Tensor]:
     """``{key: [B, T]}``: the log-probs of the micro-batches' labels under ``model`` on the last stage ({}
     elsewhere), like :func:`forward_outputs` with ``readout.logprobs``, but the ``[b, T, V/tp]`` logits are
     never whole: the final hidden states meet the LM head chunk by chunk (:meth:`LogitsReadout.fused_logprobs`).
-    With sequence parallelism the output layer would first gather the sequence: the logits path serves it."""
+    With sequence parallelism the output layer would first gather the sequence: the logits path serves it.
+    ``pg_collection``: as in :func:`run_schedule`."""
     gpt = getattr(model, "module", model)
     if gpt.config.sequence_parallel:
-        return forward_outputs(model, microbatches, lambda logits, mb: {key: readout.logprobs(logits, mb["labels"])})
+        return forward_outputs(model, microbatches, lambda logits, mb: {key: readout.logprobs(logits, mb["labels"])},
+                               pg_collection)
     with lm_head_bypassed(gpt) as weight:
         return forward_outputs(model, microbatches,
-                               lambda hidden, mb: {key: readout.fused_logprobs(hidden, weight, mb["labels"])})
+                               lambda hidden, mb: {key: readout.fused_logprobs(hidden, weight, mb["labels"])},
+                               pg_collection)

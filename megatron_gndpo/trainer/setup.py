@@ -11,6 +11,7 @@ prompt's length; that the teacher sees the student's image layout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch.distributed as dist
@@ -25,12 +26,18 @@ from megatron_gndpo.config.schema import AlgorithmConfig, DataConfig, RunConfig,
 from megatron_gndpo.data.prompts import PromptDataset
 from megatron_gndpo.data.tokenizer import check_checkpoint_tokenizers, load_tokenizer
 from megatron_gndpo.data.vision import VisionProcessor, load_vision_processor
-from megatron_gndpo.distributed.init import ProcessGroups
+from megatron_gndpo.distributed.init import ProcessGroups, layout_groups
 from megatron_gndpo.models.student import Student
-from megatron_gndpo.models.teacher import Teacher
+from megatron_gndpo.models.teacher import Teacher, TeacherOnOwnLayout
 from megatron_gndpo.rewards import get_reward
 from megatron_gndpo.rollout.generator import SamplingParams
-from megatron_gndpo.trainer.batches import MicroBatch, pad_sequence_length, sequences_from_prompts, split_rows
+from megatron_gndpo.trainer.batches import (
+    MicroBatch,
+    form_microbatches,
+    pad_sequence_length,
+    sequences_from_prompts,
+    split_rows,
+)
 from megatron_gndpo.trainer.evaluation import sampling_params
 from megatron_gndpo.trainer.images import check_same_image_layout
 from megatron_gndpo.trainer.megatron_glue import LogitsReadout
@@ -93,15 +100,24 @@ def prepare_run(cfg: RunConfig, groups: ProcessGroups, *, resume: bool) -> RunSe
                     multiple, calibration, metrics)
 
 
-def build_models(cfg: RunConfig, groups: ProcessGroups, run: RunSetup) -> Tuple[Student, Teacher, Optional[Teacher]]:
-    """Collective: the student (with its optimizer and schedule), the teacher and, for gopd, the frozen
-    reference policy, loaded. All read their logits over TP and the shared vocabulary; the student and
-    the reference at the rollout temperature, the teacher at ``teacher.temperature`` (default the same)."""
+def build_models(cfg: RunConfig, groups: ProcessGroups,
+                 run: RunSetup) -> Tuple[Student, Teacher | TeacherOnOwnLayout, Optional[Teacher]]:
+    """Collective: the student (with its optimizer and schedule), the teacher (on the student's groups, or
+    on its own with ``teacher.parallel``) and, for gopd, the frozen reference policy, loaded. All read
+    their logits over their TP group and the shared vocabulary; the student and the reference at the
+    rollout temperature, the teacher at ``teacher.temperature`` (default the same)."""
     readout = LogitsReadout(groups.tp, cfg.rollout.temperature, run.vocab_size)
     student = Student(cfg, groups, readout, total_optimizer_steps=cfg.trainer.steps * cfg.trainer.mini_batches)
-    teacher = Teacher(cfg.teacher, cfg.parallel, groups,
-                      dataclasses.replace(readout, temperature=cfg.teacher.temperature or cfg.rollout.temperature),
+    own = layout_groups(cfg.teacher_parallel, groups.device) if cfg.teacher_on_own_layout else groups
+    teacher = Teacher(cfg.teacher, cfg.teacher_parallel, own,
+                      LogitsReadout(own.tp, cfg.teacher.temperature or cfg.rollout.temperature, run.vocab_size),
                       calibration=run.calibration, top_k=_teacher_top_k(cfg.algorithm))
+    if cfg.teacher_on_own_layout:  # it scores rows sent to it, in micro-batches of its own
+        tc = cfg.trainer
+        teacher = TeacherOnOwnLayout(teacher, groups, functools.partial(
+            form_microbatches, mini_batches=1, micro_batch_size=tc.micro_batch_size,
+            max_tokens=tc.max_tokens_per_microbatch, pack=tc.pack_sequences, multiple=run.sequence_multiple,
+            pad_token_id=run.sampling.pad_token_id))
     reference = _reference(cfg, groups, readout, student) if cfg.algorithm.estimator == "gopd" else None
     return student, teacher, reference
 

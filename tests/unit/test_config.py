@@ -44,6 +44,31 @@ def test_teacher_quantisation_settings_are_checked():
                            "precision.transformer_impl=transformer_engine"])
 
 
+def test_teacher_layout_defaults_to_the_students_and_refuses_what_it_cannot_do():
+    """teacher.parallel: unset or the student's sizes is the student's layout; another is checked against the
+    teacher's architecture and refuses, naming the key, what runs the teacher on the student's micro-batches."""
+    same = load_config(None, ["parallel.tensor_model_parallel_size=2"])
+    assert not same.teacher_on_own_layout and same.teacher_parallel is same.parallel
+    assert not load_config(None, ["teacher.parallel.tensor_model_parallel_size=1"]).teacher_on_own_layout
+    own = load_config(None, ["teacher.parallel.tensor_model_parallel_size=2",
+                             "teacher.parallel.pipeline_model_parallel_size=3"])
+    assert own.teacher_on_own_layout
+    layout = own.teacher_parallel
+    assert (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size) == (2, 3)
+    assert own.parallel.tensor_model_parallel_size == 1
+    with pytest.raises(ValueError, match=r"teacher.model.num_hidden_layers \(3\) must be divisible by "
+                                         r"teacher.parallel.pipeline_model_parallel_size \(2\)"):
+        load_config(None, ["teacher.parallel.pipeline_model_parallel_size=2"])
+    with pytest.raises(ValueError, match=r"teacher.parallel.tensor_model_parallel_size must be >= 1"):
+        load_config(None, ["teacher.parallel.tensor_model_parallel_size=0"])
+    own_tp = "teacher.parallel.tensor_model_parallel_size=2"
+    for extra, what in ((["teacher.quantize=fp8"], "teacher.quantize"), (["data.images=process"], "data.images"),
+                        (["algorithm.divergence.kind=rkl", "algorithm.divergence.weight=0.1"], "top_k")):
+        with pytest.raises(ValueError, match=f"teacher.parallel.*{what}|{what}.*teacher.parallel"):
+            load_config(None, [own_tp, *extra])
+        load_config(None, extra)  # accepted on the student's layout
+
+
 def test_architectures_come_from_the_checkpoints(tmp_path):
     """A config names checkpoints; model / teacher.model default to what they were saved with, and
     a field the config states (the run's max_position_embeddings) wins."""

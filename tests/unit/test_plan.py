@@ -87,6 +87,37 @@ def test_a_token_budget_plans_as_many_tokens_per_pass_as_its_rows():
         Workload(max_tokens_per_microbatch=700, **base)
 
 
+def test_the_teacher_on_its_own_layout_is_planned_on_it():
+    """teacher.parallel: the teacher's weights, activations and forward are those of its own TP x PP (as a
+    student layout of those sizes would give them), plus the exchanged rows; a layout it cannot split is
+    rejected naming it; a run config's teacher.parallel reaches the workload."""
+    from megatron_gndpo.config.loader import load_config
+    from megatron_gndpo.planning.layouts import layout_problems
+    from megatron_gndpo.planning.memory import teacher_weight_bytes
+    from megatron_gndpo.planning.workload import workload_from_config
+
+    student, teacher = ModelConfig(**SHAPE), ModelConfig(**{**SHAPE, "hidden_size": 512, "num_hidden_layers": 4})
+    base = dict(prompts_per_step=8, samples=4, max_prompt=128, max_response=256)
+    own, same = Workload(**base, teacher_tp=4, teacher_pp=2), Workload(**base)
+    student_layout, teacher_layout = Layout(tp=1, pp=1, dp=8), Layout(tp=4, pp=2, dp=1)
+    assert own.teacher_layout(student_layout) == teacher_layout
+    got = estimate_memory(student, teacher, student_layout, own, GPUS["h100"])
+    want = estimate_memory(student, teacher, teacher_layout, same, GPUS["h100"])
+    assert got.parts["teacher weights (resident)"] == teacher_weight_bytes(teacher, teacher_layout, same)
+    assert got.parts["teacher activations and logits"] == want.parts["teacher activations and logits"]
+    assert got.parts["teacher rows exchanged"] == 32 * 384 * (12 + 4)
+    assert estimate_memory(student, teacher, student_layout, same, GPUS["h100"]).parts["teacher rows exchanged"] == 0
+    assert (estimate_time(student, teacher, student_layout, own, GPUS["h100"]).phases["teacher scoring"]
+            > estimate_time(student, teacher, teacher_layout, same, GPUS["h100"]).phases["teacher scoring"])
+    assert any("teacher's TP 3" in p for p in layout_problems(student, teacher, student_layout,
+                                                             Workload(**base, teacher_tp=3), GPUS["h100"]))
+    assert any("teacher.num_hidden_layers (4) is not divisible by PP 8" in p for p in layout_problems(
+        student, teacher, student_layout, Workload(**base, teacher_pp=8), GPUS["h100"]))
+    cfg = load_config(None, ["teacher.parallel.tensor_model_parallel_size=2"])
+    assert (workload_from_config(cfg).teacher_tp, workload_from_config(cfg).teacher_pp) == (2, 1)
+    assert workload_from_config(load_config(None, [])).teacher_tp is None
+
+
 def _write_hf(path: Path, **fields) -> Path:
     from transformers import Qwen3Config
 

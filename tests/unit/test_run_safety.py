@@ -260,6 +260,15 @@ def test_parameter_counts_of_known_models():
     assert "# memory per rank, roughly:" in text and "teacher.offload" in text
 
 
+def test_print_config_shows_the_teachers_own_layout():
+    """teacher.parallel: --print-config names the teacher's layout and counts its memory on it."""
+    cfg = load_config(REPO / "examples" / "configs" / "geo3k_gndpo.yaml",
+                      ["teacher.parallel.tensor_model_parallel_size=4"])
+    text = describe_run(cfg, world_size=8)
+    assert "# teacher layout (teacher.parallel): TP 4 x PP 1 x DP 2" in text and "teacher rows exchanged" in text
+    assert "this run would not start" in describe_run(cfg, world_size=6)
+
+
 def test_command_line_print_config_and_a_config_mistake(capsys):
     from megatron_gndpo import cli
 
