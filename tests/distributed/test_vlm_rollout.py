@@ -79,7 +79,7 @@ def _recompute(model, groups, prompt, images):
 def _rollout_score_train(groups):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-    from megatron_gndpo.models.vlm import build_internvl_model, load_internvl_hf_weights
+    from megatron_gndpo.models.vlm import build_vlm_model, load_vlm_hf_weights
     from megatron_gndpo.ops.vocab_parallel import vocab_parallel_logprobs
     from megatron_gndpo.rollout.generator import SamplingParams, generate
     from megatron_gndpo.trainer.batches import sequences_from_rollout, split_rows
@@ -91,9 +91,9 @@ def _rollout_score_train(groups):
     out = {}
     for tp, pp in LAYOUTS:
         groups = relayout(tp, pp)
-        model = build_internvl_model(hf.config, common.parallel(tp, pp), common.FP32, pre_process=groups.is_first_stage,
+        model = build_vlm_model(hf.config, common.parallel(tp, pp), common.FP32, pre_process=groups.is_first_stage,
                                      post_process=groups.is_last_stage)
-        load_internvl_hf_weights(model, hf.state_dict(), hf.config)
+        load_vlm_hf_weights(model, hf.state_dict(), hf.config)
         model.config.calculate_per_token_loss = True  # as build_student: the loss below is already normalised
         rollout = generate(model, prompts, torch.arange(4), SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS),
                            groups=groups, vocab_size=VOCAB, seed=0, max_sequence_length=128, images=images)
