@@ -73,8 +73,8 @@ def check_same_image_layout(student: VisionProcessor, teacher: VisionProcessor, 
     """Raises ValueError unless ``teacher``'s processor turns this prompt and its images into the same
     token ids and pixel values as ``student``'s: the teacher scores the student's tokens with the
     student's pixels, so a teacher whose processor writes another image-token layout (another image
-    token, ``image_seq_length``, tiling or normalisation) would see image embeddings in the wrong
-    places. The message names what differs; ``where`` says which row."""
+    token, ``image_seq_length``, tiling, patch grid or normalisation) would see image embeddings in the
+    wrong places. The message names what differs; ``where`` says which row."""
     prefix = f"{where}: " if where else ""
     if student.family != teacher.family:
         raise ValueError(f"{prefix}the student's processor is {student.family}, the teacher's {teacher.family}")
@@ -86,10 +86,12 @@ def check_same_image_layout(student: VisionProcessor, teacher: VisionProcessor, 
                          f"{_token_at(teacher, t_ids, k)}, student {_token_at(student, s_ids, k)}); they must share"
                          " the image-token layout (image token, image_seq_length, tiling)")
     s_px, t_px = student.pixels(images), teacher.pixels(images)
-    for field in ("tokens_per_image", "tiles_per_image"):
-        if getattr(s_px, field) != getattr(t_px, field):
+    for field in ("tokens_per_image", "tiles_per_image", "image_grid_thw"):
+        s_value, t_value = (v.tolist() if isinstance(v, torch.Tensor) else v
+                            for v in (getattr(s_px, field), getattr(t_px, field)))
+        if s_value != t_value:
             raise ValueError(f"{prefix}teacher and student processors disagree on {field}: teacher "
-                             f"{getattr(t_px, field)}, student {getattr(s_px, field)}")
+                             f"{t_value}, student {s_value}")
     if s_px.pixel_values.shape != t_px.pixel_values.shape or not torch.equal(s_px.pixel_values, t_px.pixel_values):
         raise ValueError(f"{prefix}teacher and student image processors make different pixel values (shapes "
                          f"{tuple(t_px.pixel_values.shape)} vs {tuple(s_px.pixel_values.shape)}): compare their "

@@ -13,7 +13,8 @@ from megatron_gndpo.data.images import ImageRef
 from megatron_gndpo.data.vision import ImageInputs, VisionProcessor
 from megatron_gndpo.trainer.images import check_same_image_layout
 from tests import common
-from tests.distributed.test_vlm import IMAGE_TOKEN, TEXT_FROM, _hf_model, hf_logits, image_inputs, image_tokens
+from tests.distributed.test_vlm import (FAMILIES, FROZEN, IMAGE_TOKEN, TEXT_FROM, _hf_model, hf_logits, image_inputs,
+                                       image_tokens)
 from tests.harness import relayout, run_distributed
 from tests.unit.test_vision_data import PROMPT, _png, _tokenizer
 
@@ -136,7 +137,7 @@ def _rollout_score_train(groups, family):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_vlm_rollout_scoring_and_training_with_images(family):
     prompts, images = _prompts(family)
     ranks = run_distributed(_rollout_score_train, 2, args=(family,), timeout_s=240)
@@ -153,6 +154,7 @@ def test_vlm_rollout_scoring_and_training_with_images(family):
                 assert res["tower_grads"] and all(g is None and main is None for g, main in res["tower_grads"]), where
                 ref = ranks[0][(1, 1)]["projector_grad"]
                 assert all(g.abs().max() > 0 for g in ref.values())
+                assert sorted({n.removeprefix("visual.").split(".")[0] for n in ref}) == FROZEN[family][1], where
                 for name, g in res["projector_grad"].items():
                     torch.testing.assert_close(g, ref[name], rtol=1e-4, atol=1e-6, msg=f"{where} {name}")
 
