@@ -56,8 +56,8 @@ class InternVLVision(torch.nn.Module):
                                                scale_factor=self.config.downsample_ratio)
         return self.multi_modal_projector(features.reshape(tiles, -1, features.shape[-1])).flatten(0, 1)
 
-    def frozen(self) -> torch.nn.Module:
-        """What ``train_vision_tower=False`` freezes: InternViT (the projector trains)."""
+    def encoder(self) -> torch.nn.Module:
+        """The vision encoder, which ``train_vision_tower=False`` freezes: InternViT (the projector trains)."""
         return self.vision_tower
 
     @staticmethod
@@ -90,8 +90,9 @@ class Qwen25VLVision(torch.nn.Module):
         return self.visual(pixel_values.to(self.visual.patch_embed.proj.weight.dtype), grid_thw=image_grid_thw,
                            return_dict=True).pooler_output
 
-    def frozen(self) -> torch.nn.Module:
-        """What ``train_vision_tower=False`` freezes: everything but the patch merger (the projector)."""
+    def encoder(self) -> torch.nn.Module:
+        """The vision encoder, which ``train_vision_tower=False`` freezes: everything but the patch merger
+        (the projector, which trains)."""
         return torch.nn.ModuleList([m for name, m in self.visual.named_children() if name != "merger"])
 
     def embeddings_per_image(self, n_features: int, image_tiles: Optional[torch.Tensor],
@@ -382,7 +383,7 @@ def build_vlm_model(hf_config, parallel: ParallelConfig, precision: PrecisionCon
     vision = None
     if pre_process:
         vision = family.vision(hf_config).to(dtype=params_dtype(precision))
-        vision.frozen().requires_grad_(train_vision_tower)
+        vision.encoder().requires_grad_(train_vision_tower)
         if torch.cuda.is_available() and not language_model.config.use_cpu_initialization:
             vision.cuda(torch.cuda.current_device())
     return VisionLanguageModel(language_model, vision, hf_config.image_token_id,
