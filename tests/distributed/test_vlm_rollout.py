@@ -19,9 +19,7 @@ from tests.harness import relayout, run_distributed
 from tests.unit.test_vision_data import PROMPT, _png, _tokenizer
 
 NEW_TOKENS, VOCAB = 6, 64
-# the layouts each family is sampled, scored and trained at (Qwen2.5-VL's pipeline stages differ from
-# InternVL's only by the positions, which test_vlm_convert.py checks at PP 2)
-LAYOUTS = {"internvl": ((1, 1), (2, 1), (1, 2)), "qwen2_5_vl": ((1, 1), (2, 1))}
+LAYOUTS = ((1, 1), (2, 1), (1, 2))
 # two images of different sizes, and another one (InternVL: tiles; Qwen2.5-VL: patch grids)
 SIZES = {"internvl": ((3, 1), (1,)), "qwen2_5_vl": (((1, 8, 6), (1, 2, 4)), ((1, 4, 4),))}
 
@@ -93,7 +91,7 @@ def _rollout_score_train(groups, family):
     hf = _sharp_hf_model(family)
     prompts, images = _prompts(family)
     out = {}
-    for tp, pp in LAYOUTS[family]:
+    for tp, pp in LAYOUTS:
         groups = relayout(tp, pp)
         model = build_vlm_model(hf.config, common.parallel(tp, pp), common.FP32, pre_process=groups.is_first_stage,
                                      post_process=groups.is_last_stage)
