@@ -19,6 +19,7 @@ from megatron_gndpo.planning.workload import Workload, workload_from_config
 # flag -> Workload field it sets
 WORKLOAD_FLAGS = {"prompts_per_step": "prompts_per_step", "samples": "samples", "max_prompt": "max_prompt",
                   "max_response": "max_response", "micro_batch_size": "micro_batch_size",
+                  "max_tokens_per_microbatch": "max_tokens_per_microbatch",
                   "mini_batches": "mini_batches", "teacher_weights": "teacher", "top_k": "top_k"}
 
 
@@ -36,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt", type=int, default=None, help="prompt tokens per row")
     parser.add_argument("--max-response", type=int, default=None, help="response tokens per row")
     parser.add_argument("--micro-batch-size", type=int, default=None)
+    parser.add_argument("--max-tokens-per-microbatch", type=int, default=None,
+                        help="micro-batches by a token budget (trainer.max_tokens_per_microbatch) instead of rows")
     parser.add_argument("--mini-batches", type=int, default=None, help="optimizer steps per rollout")
     parser.add_argument("--teacher-weights", choices=("bf16", "fp8", "offload"), default=None)
     parser.add_argument("--top-k", type=int, default=None, help="teacher top-k log-probs kept per token")

@@ -12,6 +12,7 @@ Activations assume flash / SDPA attention (no ``[S, S]`` scores kept; megatron's
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -98,7 +99,7 @@ def layer_activation_values(model: ModelConfig, tp: int, sequence_parallel: bool
 def microbatches_per_update(layout: Layout, work: Workload) -> int:
     """Micro-batches per optimizer step on one DP rank."""
     rows = work.rows // layout.dp // work.mini_batches
-    return max(-(-rows // work.micro_batch_size), 1)
+    return max(math.ceil(rows / work.microbatch_rows), 1)
 
 
 def logits_bytes(model: ModelConfig, layout: Layout, work: Workload, rows: float) -> float:
@@ -112,12 +113,12 @@ def logits_bytes(model: ModelConfig, layout: Layout, work: Workload, rows: float
 
 def training_pass_bytes(model: ModelConfig, layout: Layout, work: Workload, recompute: bool) -> Dict[str, float]:
     """The student's activations and logits during its forward / backward, on the stage where they are
-    largest. Each micro-batch is ``mbs S / CP`` tokens; a stage runs ``L / PP`` layers of
-    ``layer_activation_values``, and under 1F1B the first stage holds ``min(PP, micro-batches)``
+    largest. Each micro-batch is ``mbs S / CP`` tokens (``mbs``: ``Workload.microbatch_rows``); a stage runs
+    ``L / PP`` layers of ``layer_activation_values``, and under 1F1B the first stage holds ``min(PP, micro-batches)``
     micro-batches in flight, the last stage one, plus the final norm's input and output (2h per token)
     and the logits. With full recomputation a layer keeps only its input (h per token) and one layer's
     full activations are live while it is recomputed."""
-    tokens = work.micro_batch_size * work.sequence / layout.cp
+    tokens = work.microbatch_rows * work.sequence / layout.cp
     layers = model.num_hidden_layers // layout.pp
     full = layer_activation_values(model, layout.tp, work.sequence_parallel, work.transformer_impl)
     kept = model.hidden_size / (layout.tp if work.sequence_parallel else 1) if recompute else full
@@ -126,7 +127,7 @@ def training_pass_bytes(model: ModelConfig, layout: Layout, work: Workload, reco
         return tokens * (kept * layers * in_flight + (full if recompute else 0)) * work.param_bytes
 
     last = {"activations": stage(1) + tokens * 2 * model.hidden_size * work.param_bytes,
-            "logits": logits_bytes(model, layout, work, work.micro_batch_size)}
+            "logits": logits_bytes(model, layout, work, work.microbatch_rows)}
     if layout.pp == 1:
         return last
     first = {"activations": stage(min(layout.pp, microbatches_per_update(layout, work))), "logits": 0.0}
@@ -157,7 +158,7 @@ def estimate_memory(student: ModelConfig, teacher: ModelConfig, layout: Layout, 
                                                                                 work.param_bytes)
     parts["rollout logits"] = rows * student.padded_vocab_size(layout.tp) // layout.tp * FP32
     parts["teacher weights (loaded to score)"] = teacher_bytes if work.teacher == "offload" else 0.0
-    mb = work.micro_batch_size
+    mb = work.microbatch_rows
     teacher_layer = layer_activation_values(teacher, layout.tp, work.sequence_parallel, work.transformer_impl)
     parts["teacher activations and logits"] = (mb * work.sequence / layout.cp * teacher_layer * work.param_bytes
                                                + logits_bytes(teacher, layout, work, mb))

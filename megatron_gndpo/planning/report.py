@@ -69,7 +69,9 @@ def plan_text(plan: Dict[str, Any]) -> str:
              f"{g['hbm_tb_per_s']} TB/s HBM; MFU train {plan['calibration']['train_mfu']:.1%} / forward "
              f"{plan['calibration']['forward_mfu']:.1%} (from {plan['calibration']['source']})",
              f"step: {w['prompts_per_step']} prompts x {w['samples']} samples, {w['max_prompt']} + "
-             f"{w['max_response']} tokens, micro-batch {w['micro_batch_size']}, teacher {w['teacher']}"]
+             f"{w['max_response']} tokens, micro-batch "
+             + (f"{w['max_tokens_per_microbatch']} tokens" if w.get("max_tokens_per_microbatch")
+                else f"{w['micro_batch_size']}") + f", teacher {w['teacher']}"]
     for role, m in plan["models"].items():
         lines.append(f"{role}: {m['parameters'] / 1e9:.3f} B parameters ({m['layers']} layers of "
                      f"{m['per_layer'] / 1e6:.2f} M, embedding {m['embedding'] / 1e6:.1f} M, "

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict
 
@@ -74,7 +75,7 @@ def estimate_time(student: ModelConfig, teacher: ModelConfig, layout: Layout, wo
     phases["rollout decode"] = work.max_response * (max(memory_s, host_s) + tp_s)
     tokens = rows * work.sequence
     context = work.sequence / 2
-    scoring_mb = max(-(-int(rows) // work.micro_batch_size), 1)
+    scoring_mb = max(math.ceil(rows / work.microbatch_rows), 1)
     phases["teacher scoring"] = _forward_s(teacher, tokens, context, layout, gpu, calib.forward_mfu, 1, scoring_mb,
                                            e, calib)
     phases["old log-probs"] = _forward_s(student, tokens, context, layout, gpu, calib.forward_mfu, 1, scoring_mb,

@@ -41,6 +41,9 @@ class Workload:
     """Response tokens per row."""
     micro_batch_size: int = 4
     """Rows per forward / backward pass on one rank."""
+    max_tokens_per_microbatch: Optional[int] = None
+    """Micro-batches formed by a token budget instead (the trainer's key of that name, packed or not): a
+    pass then holds at most this many tokens, whatever ``micro_batch_size`` says."""
     mini_batches: int = 1
     """Optimizer steps per rollout."""
     param_bytes: int = 2
@@ -68,13 +71,28 @@ class Workload:
     def sequence(self) -> int:
         return self.max_prompt + self.max_response
 
+    @property
+    def microbatch_rows(self) -> float:
+        """Full-length rows' worth of tokens in one pass: ``micro_batch_size``, or with a token budget
+        ``budget / sequence`` -- the budget is the bound whether its rows are padded or packed (packed
+        rows fill it with shorter responses; at full length they hold as many rows as padded ones)."""
+        if self.max_tokens_per_microbatch is None:
+            return self.micro_batch_size
+        return self.max_tokens_per_microbatch / self.sequence
+
+    def __post_init__(self):
+        if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < self.sequence:
+            raise ValueError(f"max_tokens_per_microbatch ({self.max_tokens_per_microbatch}) must hold a full-length "
+                             f"row, max_prompt + max_response = {self.sequence} tokens")
+
 
 def workload_from_config(cfg: RunConfig) -> Workload:
     """The step a run config describes ('auto' precision is planned as bf16: the GPU case)."""
     return Workload(
         prompts_per_step=cfg.trainer.prompts_per_step, samples=cfg.rollout.n_samples,
         max_prompt=cfg.data.max_prompt_length, max_response=cfg.rollout.max_new_tokens,
-        micro_batch_size=cfg.trainer.micro_batch_size, mini_batches=cfg.trainer.mini_batches,
+        micro_batch_size=cfg.trainer.micro_batch_size, max_tokens_per_microbatch=cfg.trainer.max_tokens_per_microbatch,
+        mini_batches=cfg.trainer.mini_batches,
         param_bytes=4 if cfg.precision.params_dtype == "float32" else 2,
         distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         sequence_parallel=cfg.parallel.sequence_parallel,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -63,15 +64,16 @@ def _train_steps(groups, tmp):
 
     calls = []
     sample = engine.generate_continuous
-    engine.generate_continuous = lambda *a, **k: calls.append(k["decode_slots"]) or sample(*a, **k)
     metrics = {}
-    for continuous in (False, True):
-        overrides = [f"trainer.output_dir={tmp}/run_{continuous}", f"rollout.continuous_batching={continuous}"]
-        cfg = run_config(Path(tmp), overrides + (["rollout.decode_slots=3"] if continuous else []))
-        destroy_parallel(destroy_process_group=False)  # the trainer builds the groups from its own config
-        trainer = Trainer(cfg)
-        metrics[continuous] = trainer.train_step()
-        trainer.close(destroy_process_group=False)
+    with mock.patch.object(engine, "generate_continuous",
+                           lambda *a, **k: calls.append(k["decode_slots"]) or sample(*a, **k)):
+        for continuous in (False, True):
+            overrides = [f"trainer.output_dir={tmp}/run_{continuous}", f"rollout.continuous_batching={continuous}"]
+            cfg = run_config(Path(tmp), overrides + (["rollout.decode_slots=3"] if continuous else []))
+            destroy_parallel(destroy_process_group=False)  # the trainer builds the groups from its own config
+            trainer = Trainer(cfg)
+            metrics[continuous] = trainer.train_step()
+            trainer.close(destroy_process_group=False)
     assert calls == [3], calls  # the static step did not call it, the continuous one did, once
     return metrics
 

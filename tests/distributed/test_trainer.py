@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -53,7 +54,9 @@ def _steps(groups, tmp, tp, pp, steps):
                         f"trainer.output_dir={tmp}/run_{tp}{pp}"])
     trainer = _trainer(groups, cfg)
     metrics = [trainer.train_step() for _ in range(steps)]
-    return {"metrics": metrics if trainer.is_logging_rank else None, "weights": _weights(trainer)}
+    out = {"metrics": metrics if trainer.is_logging_rank else None, "weights": _weights(trainer)}
+    trainer.close(destroy_process_group=False)  # the single-process reference and DP=2 share run_11
+    return out
 
 
 @pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)])
@@ -160,12 +163,12 @@ def _poisoned_step(groups, tmp):
                 next(p for p in model.parameters() if p.requires_grad).main_grad.view(-1)[0] = float("nan")
         return out
 
-    student_module.run_schedule = poison
-    before = _weights(trainer)
-    first = trainer.train_step()
-    after_first = _weights(trainer)
-    second = trainer.train_step()
-    after_second = _weights(trainer)
+    with mock.patch.object(student_module, "run_schedule", poison):
+        before = _weights(trainer)
+        first = trainer.train_step()
+        after_first = _weights(trainer)
+        second = trainer.train_step()
+        after_second = _weights(trainer)
     unchanged = all(torch.equal(before[k], after_first[k]) for k in before)
     moved = any(not torch.equal(after_first[k], after_second[k]) for k in before)
     return first["actor/skipped_steps"], second["actor/skipped_steps"], unchanged, moved
@@ -188,9 +191,9 @@ def _empty_step(groups, tmp):
         return Rollout(tokens, torch.tensor([len(p) for p in prompts]), zeros, zeros.bool())
 
     trainer = _trainer(groups, _config(tmp, [f"trainer.output_dir={tmp}/empty"]))
-    step_module.rollout_engine = lambda continuous_batching, decode_slots: nothing
     try:
-        trainer.train_step()
+        with mock.patch.object(step_module, "rollout_engine", lambda continuous_batching, decode_slots: nothing):
+            trainer.train_step()
     except trainer_module.EmptyStepError as e:
         return str(e)
     return None

@@ -107,9 +107,12 @@ def _train(groups, tmp, tp, pp, resume_too):
     from megatron_gndpo.distributed.init import destroy_parallel
     from megatron_gndpo.trainer.trainer import Trainer
 
+    import torch.distributed as dist
+
     tmp = Path(tmp)
+    run = f"run_{tp}{pp}{dist.get_world_size() // (tp * pp)}"
     destroy_parallel(destroy_process_group=False)
-    trainer = Trainer(_config(tmp, f"run_{tp}{pp}", tp, pp))
+    trainer = Trainer(_config(tmp, run, tp, pp))
     initial = _state(trainer)
     metrics = [trainer.train_step()]
     out = {}
@@ -128,19 +131,20 @@ def _train(groups, tmp, tp, pp, resume_too):
     if resume_too:
         from megatron_gndpo.trainer.evaluation import evaluate_checkpoint
 
-        trainer = Trainer(_config(tmp, f"run_{tp}{pp}", tp, pp), resume=True)
+        trainer = Trainer(_config(tmp, run, tp, pp), resume=True)
         assert trainer.step == 1
         out["resumed"] = {"metrics": trainer.train_step(), "weights": _state(trainer)}
         trainer.close(destroy_process_group=False)
         destroy_parallel(destroy_process_group=False)  # `megatron-gndpo eval` of the step-1 checkpoint
-        out["eval"] = evaluate_checkpoint(_config(tmp, "eval"), str(tmp / f"run_{tp}{pp}" / "checkpoints"))
+        out["eval"] = evaluate_checkpoint(_config(tmp, "eval"), str(tmp / run / "checkpoints"))
     return out
 
 
 def test_gndpo_steps_with_images_match_across_layouts_and_resume(tmp_path):
     run_distributed(_prepare, 1, args=(str(tmp_path),))
     ref = run_distributed(_train, 1, args=(str(tmp_path), 1, 1, True))[0]
-    tp2 = run_distributed(_train, 2, tp=2, args=(str(tmp_path), 2, 1, False))
+    layouts = {(tp, pp, 2 // (tp * pp)): run_distributed(_train, 2, tp=tp, pp=pp, args=(str(tmp_path), tp, pp, False))
+               for tp, pp in ((2, 1), (1, 2), (1, 1))}
 
     projector = next(k for k in ref["weights"] if k.endswith(PROJECTOR))
     tower = [k for k in ref["weights"] if k.startswith("vision.vision_tower.")]
@@ -150,15 +154,16 @@ def test_gndpo_steps_with_images_match_across_layouts_and_resume(tmp_path):
     for key in tower:
         assert torch.equal(ref["weights"][key], ref["initial"][key]), key
 
-    got = next(o["metrics"] for o in tp2 if o["metrics"] is not None)
-    for step, (r, g) in enumerate(zip(ref["metrics"], got)):
-        for key in COMPARED:
-            assert g[key] == pytest.approx(r[key], rel=1e-4, abs=1e-5), (step, key)
     assert ref["metrics"][0]["prompt/length_max"] > 20  # image tokens count in the prompt length
-    for key, w in ref["weights"].items():  # (the vocabulary is padded to 128 x TP: its real rows compared)
-        cut = slice(VOCAB) if "word_embeddings" in key or "output_layer" in key else slice(None)
-        torch.testing.assert_close(tp2[0]["weights"][key][cut], w[cut], rtol=0, atol=2e-5, msg=key)
-    assert tp2[0]["val"] == pytest.approx(ref["val"])
+    for layout, ranks in layouts.items():  # (TP, PP, DP) == (1, 1, 1)
+        got = next(o["metrics"] for o in ranks if o["metrics"] is not None)
+        for step, (r, g) in enumerate(zip(ref["metrics"], got)):
+            for key in COMPARED:
+                assert g[key] == pytest.approx(r[key], rel=1e-4, abs=1e-5), (layout, step, key)
+        for key, w in ref["weights"].items():  # (the vocabulary is padded to 128 x TP: its real rows compared)
+            cut = slice(VOCAB) if "word_embeddings" in key or "output_layer" in key else slice(None)
+            torch.testing.assert_close(ranks[0]["weights"][key][cut], w[cut], rtol=0, atol=2e-5, msg=(layout, key))
+        assert ranks[0]["val"] == pytest.approx(ref["val"]), layout
 
     # resumed from the step-1 checkpoint, step 2 is the same step
     for key in COMPARED:

@@ -5,8 +5,10 @@ vocabulary, with each model's own shard widths (at TP=2: 504 and 512 columns per
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -114,12 +116,13 @@ def _run(groups, tmp, tp, student_vocab, teacher_vocab):
 
     # the step samples through rollout_engine, which hands out continuous.generate; the scoring phases
     # read log-probs through the fused LM head, the update through the logits
-    for module, name in ((continuous, "generate"), (megatron_glue, "fused_linear_logprobs"),
-                         (megatron_glue, "vocab_parallel_logprobs"), (megatron_glue, "vocab_parallel_entropy"),
-                         (trainer_module, "greedy_eval")):
-        setattr(module, name, spy(name, getattr(module, name)))
-    metrics = trainer.train_step()
-    trainer.validate()
+    with contextlib.ExitStack() as spies:
+        for module, name in ((continuous, "generate"), (megatron_glue, "fused_linear_logprobs"),
+                             (megatron_glue, "vocab_parallel_logprobs"), (megatron_glue, "vocab_parallel_entropy"),
+                             (trainer_module, "greedy_eval")):
+            spies.enter_context(mock.patch.object(module, name, spy(name, getattr(module, name))))
+        metrics = trainer.train_step()
+        trainer.validate()
     out.update(seen=seen, sampled_max=max(sampled), finite=all(math.isfinite(v) for v in metrics.values()))
     return out
 

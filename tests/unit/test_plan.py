@@ -67,6 +67,26 @@ def test_the_h100_training_peak_of_docs_benchmarks_is_reproduced():
     assert abs(sum(m.parts[p] for p in used) / GIB / 42.5 - 1) < 0.15
 
 
+def test_a_token_budget_plans_as_many_tokens_per_pass_as_its_rows():
+    """A budget of k full-length rows plans as micro_batch_size k (the bound of a packed or padded budgeted
+    pass); a budget between row counts scales activations and logits with its tokens, and fewer rows per
+    pass mean more micro-batches (the scoring phases' TP all-reduces and the PP bubble)."""
+    base = dict(prompts_per_step=8, samples=8, max_prompt=256, max_response=512, distributed_optimizer=False)
+    layout, gpu = Layout(tp=2, pp=2, dp=1), GPUS["h100"]
+    rows2 = estimate_memory(QWEN25_05B, QWEN25_15B, layout, Workload(micro_batch_size=2, **base), gpu)
+    budget = estimate_memory(QWEN25_05B, QWEN25_15B, layout,
+                             Workload(micro_batch_size=16, max_tokens_per_microbatch=2 * 768, **base), gpu)
+    assert budget.parts == rows2.parts
+    half = estimate_memory(QWEN25_05B, QWEN25_15B, layout,
+                           Workload(micro_batch_size=16, max_tokens_per_microbatch=3 * 768, **base), gpu)
+    assert half.parts["teacher activations and logits"] == 1.5 * rows2.parts["teacher activations and logits"]
+    t2 = estimate_time(QWEN25_05B, QWEN25_15B, layout, Workload(micro_batch_size=2, **base), gpu)
+    t8 = estimate_time(QWEN25_05B, QWEN25_15B, layout, Workload(max_tokens_per_microbatch=8 * 768, **base), gpu)
+    assert t8.phases["teacher scoring"] < t2.phases["teacher scoring"]
+    with pytest.raises(ValueError, match="must hold a full-length row"):
+        Workload(max_tokens_per_microbatch=700, **base)
+
+
 def _write_hf(path: Path, **fields) -> Path:
     from transformers import Qwen3Config
 
