@@ -35,15 +35,21 @@ TENSORS = {"internvl": ("multi_modal_projector.linear_1.weight",
                            "model.visual.patch_embed.proj.weight"))}
 
 
-def _save_hf(path: Path, family: str):
+def _save_hf(path: Path, family: str, seed: int = 0, max_shard_size: str = "100KB"):
     """The HF directory: weights in several shards mixing the language model and the vision side,
     the tokenizer, the image processor (PIL backend) and processor_config.json. InternVL ties
-    ``lm_head`` to the embedding (its default), the Qwen2.5-VL model does not (its 7B)."""
+    ``lm_head`` to the embedding (its default), the Qwen2.5-VL model does not (its 7B). A ``seed``
+    other than 0 perturbs every weight (a teacher unlike the student)."""
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     model = _hf_model(VOCAB, family, tie_word_embeddings=family == "internvl")
-    model.save_pretrained(str(path), max_shard_size="100KB")
+    if seed:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(str(path), max_shard_size=max_shard_size)
     _tokenizer(family).save_pretrained(str(path))
     if family == "internvl":
         GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, max_patches=6).save_pretrained(str(path))
