@@ -143,38 +143,39 @@ def _verify_output(out: Path, verify: bool) -> None:
         verify_checkpoint(out, hashes=True)
 
 
-def _split_vision(keys: Sequence[str]) -> Tuple[str, Dict[str, str], Dict[str, str]]:
-    """An InternVL checkpoint's tensor names -> (their naming, text-checkpoint name -> checkpoint name
-    of each language-model tensor, ``InternVLVision`` name -> checkpoint name of each vision-side
+def _split_vision(family: str, keys: Sequence[str]) -> Tuple[str, Dict[str, str], Dict[str, str]]:
+    """A vision-language checkpoint's tensor names -> (their naming, text-checkpoint name -> checkpoint
+    name of each language-model tensor, vision module name -> checkpoint name of each vision-side
     one). Unknown names, or both namings in one checkpoint, are an error naming them."""
-    from megatron_gndpo.models.vlm import internvl_part
+    from megatron_gndpo.models.vlm import vlm_part
 
     parts: Dict[str, Dict[str, str]] = {"language": {}, "vision": {}}
     namings, unknown = {}, []
     for key in keys:
         try:
-            naming, part, name = internvl_part(key)
+            naming, part, name = vlm_part(family, key)
         except KeyError:
             unknown.append(key)
             continue
         parts[part][name] = key
-        namings.setdefault(naming, key)
+        if naming is not None:  # a name both namings share says nothing
+            namings.setdefault(naming, key)
     if unknown:
-        raise KeyError(f"InternVL checkpoint has tensors that are neither the language model's nor the vision "
+        raise KeyError(f"{family} checkpoint has tensors that are neither the language model's nor the vision "
                        f"side's: {sorted(unknown)[:5]}")
     if len(namings) != 1:
-        raise KeyError(f"InternVL checkpoint mixes two namings of its tensors: {sorted(namings.values())}")
+        raise KeyError(f"{family} checkpoint mixes two namings of its tensors: {sorted(namings.values())}")
     return next(iter(namings)), parts["language"], parts["vision"]
 
 
 def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, *, overwrite: bool = False,
                    verify: bool = False) -> Dict[str, object]:
-    """HF directory -> megatron dist-checkpoint (+ ``tokenizer/``) for a TP x PP layout. An InternVL
-    directory's language model converts as a text model does; its vision side, its config and its
-    processor files are stored beside it (checkpoint/vision.py)."""
+    """HF directory -> megatron dist-checkpoint (+ ``tokenizer/``) for a TP x PP layout. A vision-language
+    (InternVL, Qwen2.5-VL) directory's language model converts as a text model does; its vision side,
+    its config and its processor files are stored beside it (checkpoint/vision.py)."""
     from transformers import AutoConfig
 
-    from megatron_gndpo.models.vlm import internvl_hf_name, internvl_language_config
+    from megatron_gndpo.models.vlm import vlm_hf_name, vlm_language_config
 
     hf_path = Path(hf_dir)
     with _staged_output(out_dir, [hf_path], overwrite) as out:
@@ -183,25 +184,26 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, *, overw
         raw_config = json.loads((hf_path / "config.json").read_text())
         family = vision_family(raw_config)
         hf_config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
-        cfg = model_config_from_hf(hf_config) if family is None else internvl_language_config(hf_config)
+        cfg = model_config_from_hf(hf_config) if family is None else vlm_language_config(hf_config)
         padded = _check_layout(cfg, tp, pp)
         # An earlier export of ours says what its weights should be; its JSON files a user may have edited.
         if read_record(hf_path) is not None:
             verify_checkpoint(hf_path, hashes=True, only=_is_weight_file)
         with HFCheckpointReader(hf_path) as hf:
             naming, language, vision = ((None, {k: k for k in hf.keys()}, {}) if family is None
-                                        else _split_vision(hf.keys()))
+                                        else _split_vision(family, hf.keys()))
             ignorable = {k for k in language if ignorable_hf_key(k, cfg)}
             unexpected = sorted(set(language) - set(hf_tensor_shapes(cfg)) - ignorable)
             if unexpected:
                 raise KeyError(f"Hugging Face checkpoint has tensors this {cfg.num_hidden_layers}-layer config does "
                                f"not use: {[language[k] for k in unexpected[:5]]}")
             get = _finite_get(lambda key: hf.get(language.get(key, key)))
-            # the vision side is small next to the language model (InternViT-300M: 0.6 GB in bf16): read whole
+            # the vision side is small next to the language model (InternViT-300M: 0.6 GB in bf16, Qwen2.5-VL's
+            # ViT 1.3 GB): read whole
             vision_tensors = {name: get(key) for name, key in vision.items()}
             if family is not None:
                 check_vision_tensors(hf_config, {name: t.shape for name, t in vision_tensors.items()},
-                                     lambda name: internvl_hf_name(naming, "vision", name))
+                                     lambda name: vlm_hf_name(family, naming, "vision", name))
             extra = {} if family is None else {"vision": vision_record(raw_config, hf_config, naming)}
             parts = _parts(cfg, lambda: non_layer_from_hf(get, cfg, padded), lambda i: layer_from_hf(get, cfg, i),
                            "converting layers")
@@ -256,11 +258,11 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, family: Optional[str] = None,
     ``tokenizer/``, or ``tokenizer``, a directory, when given). Every file of the checkpoint is
     checked against its recorded hash first.
 
-    A converted InternVL checkpoint becomes an InternVL directory again: its original config.json,
-    the language model under InternVL's names, the vision side as stored, the processor files; every
+    A converted vision-language checkpoint becomes a directory of its family again: its original
+    config.json, the language model under the family's names, the vision side as stored, the processor files; every
     tensor bit-exact with the directory it was converted from (in the stored dtype)."""
     from megatron_gndpo.data.tokenizer import check_tokenizer_fits, load_tokenizer
-    from megatron_gndpo.models.vlm import internvl_hf_name
+    from megatron_gndpo.models.vlm import vlm_hf_name
 
     ckpt = resolve_checkpoint(ckpt_dir)
     tok_dir = Path(tokenizer) if tokenizer is not None else ckpt / TOKENIZER_DIR
@@ -302,12 +304,12 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, family: Optional[str] = None,
         else:
             (out / "config.json").write_text(json.dumps(vision["hf_config"], indent=2, sort_keys=True) + "\n")
             naming = vision["hf_names"]
-            vision_tensors = {internvl_hf_name(naming, "vision", name): t
+            vision_tensors = {vlm_hf_name(family, naming, "vision", name): t
                               for name, t in read_vision_weights(ckpt).items()}
             _check_finite(vision_tensors)
 
             def rename(key: str) -> str:
-                return internvl_hf_name(naming, "language", key)
+                return vlm_hf_name(family, naming, "language", key)
         itemsize = torch.empty((), dtype=dtype).element_size()
         sizes = [(rename(key), n * itemsize) for key, n in _hf_numels(cfg)]
         sizes += [(key, t.numel() * t.element_size()) for key, t in vision_tensors.items()]

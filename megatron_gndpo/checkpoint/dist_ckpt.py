@@ -95,7 +95,7 @@ def load_model_weights(model, path: str | os.PathLike, model_config: ModelConfig
     and its content hash with ``MEGATRON_GNDPO_VERIFY_HASHES=1``.
 
     A vision-language checkpoint is refused unless ``vision_language`` (its caller, models/vlm.py's
-    ``load_internvl_checkpoint``, loads the vision side too): a text model loaded from it would drop
+    ``load_vlm_checkpoint``, loads the vision side too): a text model loaded from it would drop
     its vision tower without a word.
 
     A checkpoint whose vocabulary was padded for another TP loads as well: megatron marks the
@@ -111,7 +111,7 @@ def load_model_weights(model, path: str | os.PathLike, model_config: ModelConfig
     if vision is not None and not vision_language:
         raise ValueError(f"{role} checkpoint {path} is a vision-language ({vision.get('family')}) checkpoint: loading "
                          "its language model alone would drop its vision tower; build it with "
-                         "megatron_gndpo.models.vlm.load_internvl_checkpoint")
+                         "megatron_gndpo.models.vlm.load_vlm_checkpoint")
     verify_checkpoint(path, hashes=hashes_requested())
     check_architecture(path, model_config, role)
     metadata = None if dp_cp_group is None else {"dp_cp_group": dp_cp_group}

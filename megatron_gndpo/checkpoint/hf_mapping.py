@@ -232,6 +232,9 @@ def hf_config_from_model(cfg: ModelConfig, family: str, dtype: str):
 
     if family not in FAMILY_TRAITS:
         raise ValueError(f"unknown Hugging Face architecture {family!r}; supported: {', '.join(FAMILY_TRAITS)}")
+    if cfg.mrope_section:
+        raise ValueError(f"a model with M-RoPE (mrope_section={cfg.mrope_section}) is not a {family} model: its "
+                         "positions are 3-D")
     config_class, model_class, qk_layernorm, attention_bias = FAMILY_TRAITS[family]
     if (cfg.qk_layernorm, cfg.attention_bias) != (qk_layernorm, attention_bias):
         raise ValueError(f"a model with qk_layernorm={cfg.qk_layernorm} and attention_bias={cfg.attention_bias} "

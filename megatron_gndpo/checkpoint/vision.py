@@ -1,18 +1,19 @@
-"""The vision side of a vision-language checkpoint (InternVL): what a converted checkpoint stores
-besides the language model, and how it is read back.
+"""The vision side of a vision-language checkpoint (InternVL, Qwen2.5-VL): what a converted checkpoint
+stores besides the language model, and how it is read back.
 
-A converted InternVL checkpoint is a text checkpoint of its language model (megatron dist-checkpoint,
+A converted vision-language checkpoint is a text checkpoint of its language model (megatron dist-checkpoint,
 resharded on load like any other) plus:
 
-- ``vision/model.safetensors``: the vision tower and projector, whole, under ``InternVLVision``'s
-  names (``vision_tower.*``, ``multi_modal_projector.*``), in their stored dtype. They are
+- ``vision/model.safetensors``: the vision tower and projector, whole, under the vision module's
+  names (InternVL: ``vision_tower.*``, ``multi_modal_projector.*``; Qwen2.5-VL: ``visual.*``, its
+  patch merger included), in their stored dtype. They are
   replicated on every tensor-parallel rank of the first pipeline stage (models/vlm.py), so one copy
   serves every layout; the file is in the checkpoint's manifest like every other;
 - ``vision`` in ``gndpo_meta.json``: the family, ``image_token_id``, the original top-level
   ``config.json`` (vision config, projector and pixel-shuffle settings included), from which the
   model is rebuilt without the Hugging Face directory and which ``megatron-to-hf`` writes back, and
-  which of the two namings of models/vlm.py's ``INTERNVL_NAMES`` the tensors had, which the export
-  writes back;
+  which of the family's two namings (models/vlm.py's ``VLM_FAMILIES``) the tensors had, which the
+  export writes back;
 - the processor files (image processor, ``processor_config.json``, chat template) beside the
   tokenizer's in ``tokenizer/``, where data/vision.py's ``load_vision_processor`` finds them.
 """
@@ -30,20 +31,15 @@ from megatron_gndpo.checkpoint.metadata import read_meta
 
 VISION_DIR = "vision"
 VISION_WEIGHTS = f"{VISION_DIR}/model.safetensors"
-VISION_FAMILIES = ("internvl",)
-"""The ``model_type`` of the vision-language checkpoints conversion supports."""
-PLANNED_FAMILIES = ("qwen2_5_vl",)
-"""Vision-language families a checkpoint may be of that conversion does not support yet (refused by name)."""
 
 
 def vision_family(config: Mapping[str, Any]) -> Optional[str]:
-    """The vision-language family of a Hugging Face ``config.json`` (as a dict), None for a text model.
-    A vision-language family conversion does not support is refused by name."""
+    """The vision-language family (models/vlm.py's ``VLM_FAMILIES``) of a Hugging Face ``config.json``
+    (as a dict), None for a text model."""
+    from megatron_gndpo.models.vlm import VLM_FAMILIES
+
     model_type = config.get("model_type")
-    if model_type in PLANNED_FAMILIES:
-        raise ValueError(f"vision-language checkpoints of model_type {model_type!r} are not supported yet "
-                         f"(supported: {', '.join(VISION_FAMILIES)})")
-    return model_type if model_type in VISION_FAMILIES else None
+    return model_type if model_type in VLM_FAMILIES else None
 
 
 def vision_record(config: Mapping[str, Any], hf_config, naming: str) -> Dict[str, Any]:
@@ -60,30 +56,33 @@ def is_vision_language(path: str | os.PathLike) -> bool:
     return read_meta(resolve_checkpoint(path)).get("vision") is not None
 
 
-def internvl_config(ckpt: str | os.PathLike):
-    """The transformers ``InternVLConfig`` a converted InternVL checkpoint records."""
-    from transformers import InternVLConfig
+def vlm_config(ckpt: str | os.PathLike):
+    """The transformers config (``InternVLConfig``, ``Qwen2_5_VLConfig``) a converted vision-language
+    checkpoint records."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     record = read_meta(ckpt).get("vision")
-    if record is None or record.get("family") != "internvl":
-        raise ValueError(f"{ckpt} is not a converted InternVL checkpoint (its metadata has no InternVL vision entry)")
-    return InternVLConfig.from_dict(record["hf_config"])
+    if record is None or vision_family({"model_type": record.get("family")}) is None:
+        raise ValueError(f"{ckpt} is not a converted vision-language checkpoint (its metadata has no vision entry "
+                         "of a supported family)")
+    return CONFIG_MAPPING[record["family"]].from_dict(record["hf_config"])
 
 
 def check_vision_tensors(hf_config, shapes: Mapping[str, Tuple[int, ...]], hf_name: Callable[[str], str]) -> None:
-    """The vision-side tensors of an InternVL checkpoint (``InternVLVision`` name -> shape) must be
-    exactly those ``InternVLVision`` of ``hf_config`` has, in its shapes: an unknown or missing tensor
-    is a KeyError, a wrong shape a ValueError, naming it as ``hf_name`` (its checkpoint name)."""
-    from megatron_gndpo.models.vlm import InternVLVision
+    """The vision-side tensors of a vision-language checkpoint (vision module name -> shape) must be
+    exactly those the family's vision module of ``hf_config`` has, in its shapes: an unknown or missing
+    tensor is a KeyError, a wrong shape a ValueError, naming it as ``hf_name`` (its checkpoint name)."""
+    from megatron_gndpo.models.vlm import vlm_family
 
+    family = hf_config.model_type
     with torch.device("meta"):  # the module's names and shapes, no memory
-        want = {k: tuple(t.shape) for k, t in InternVLVision(hf_config).state_dict().items()}
+        want = {k: tuple(t.shape) for k, t in vlm_family(family).vision(hf_config).state_dict().items()}
     unknown, missing = sorted(set(shapes) - set(want)), sorted(set(want) - set(shapes))
     if unknown:
-        raise KeyError(f"InternVL checkpoint has vision tensors this config does not use: "
+        raise KeyError(f"{family} checkpoint has vision tensors this config does not use: "
                        f"{[hf_name(k) for k in unknown[:5]]}")
     if missing:
-        raise KeyError(f"InternVL checkpoint lacks vision tensors this config needs: "
+        raise KeyError(f"{family} checkpoint lacks vision tensors this config needs: "
                        f"{[hf_name(k) for k in missing[:5]]}")
     for key, shape in shapes.items():
         if tuple(shape) != want[key]:
@@ -92,7 +91,7 @@ def check_vision_tensors(hf_config, shapes: Mapping[str, Tuple[int, ...]], hf_na
 
 
 def write_vision_weights(ckpt: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
-    """The vision side (``InternVLVision`` names) under ``ckpt/vision/``."""
+    """The vision side (vision module names) under ``ckpt/vision/``."""
     from safetensors.torch import save_file
 
     path = Path(ckpt) / VISION_WEIGHTS
@@ -101,7 +100,7 @@ def write_vision_weights(ckpt: str | os.PathLike, tensors: Mapping[str, torch.Te
 
 
 def read_vision_weights(ckpt: str | os.PathLike) -> Dict[str, torch.Tensor]:
-    """The vision side of a converted checkpoint, under ``InternVLVision``'s names."""
+    """The vision side of a converted checkpoint, under its vision module's names."""
     from safetensors.torch import load_file
 
     path = Path(ckpt) / VISION_WEIGHTS
@@ -122,7 +121,7 @@ def student_vision_files(initial: str | os.PathLike, model) -> Dict[str, Any]:
     an ``add_files`` that writes ``model``'s (a ``VisionLanguageModel``) current vision side, projector
     included, to ``vision/`` (rank 0, which holds the first pipeline stage). A resume reads the vision
     side back from the checkpoint's sharded state; ``megatron-gndpo convert megatron-to-hf`` and
-    ``load_internvl_checkpoint`` read these files, as from a converted checkpoint."""
+    ``load_vlm_checkpoint`` read these files, as from a converted checkpoint."""
     from megatron_gndpo.checkpoint.metadata import resolve_checkpoint
 
     record = read_meta(resolve_checkpoint(initial))["vision"]

@@ -44,6 +44,10 @@ class ModelConfig:
     values are refused at conversion, megatron-core cannot compute them)."""
     rope_scaling_factor: Optional[float] = None
     """The scaling factor (HF ``factor``, >= 1); set exactly when ``rope_scaling`` is."""
+    mrope_section: Optional[List[int]] = None
+    """M-RoPE (Qwen2.5-VL's language model): how many rotary frequency pairs the temporal, height and
+    width positions each take, summing to ``head_dim / 2`` (HF ``rope_parameters["mrope_section"]``);
+    the model then takes 3-D positions. None is 1-D RoPE."""
     rms_norm_eps: float = 1e-6
     """RMSNorm epsilon."""
     qk_layernorm: bool = False
@@ -83,6 +87,14 @@ class ModelConfig:
                f"model.rope_scaling ({self.rope_scaling!r}) is")
         _check(self.rope_scaling_factor is None or self.rope_scaling_factor >= 1.0,
                f"model.rope_scaling_factor must be >= 1, got {self.rope_scaling_factor!r}")
+        if self.mrope_section is not None:
+            self.mrope_section = [int(n) for n in self.mrope_section]
+            _check(len(self.mrope_section) == 3 and min(self.mrope_section) > 0
+                   and 2 * sum(self.mrope_section) == self.head_dim,
+                   f"model.mrope_section must be 3 positive sizes summing to head_dim / 2 ({self.head_dim // 2}), "
+                   f"got {self.mrope_section!r}")
+            _check(self.rope_scaling is None, f"model.mrope_section with model.rope_scaling={self.rope_scaling!r}: "
+                   "M-RoPE is supported without frequency scaling only")
 
     def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
         multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size

@@ -109,6 +109,7 @@ def build_transformer_config(
         use_cpu_initialization=cpu_initialization,
         # p2p on gloo is synchronous; the extra CUDA sync around batched isend/irecv is not needed.
         batch_p2p_sync=torch.cuda.is_available(),
+        **({"mrope_section": list(model.mrope_section)} if model.mrope_section else {}),
         **fp8_kwargs,
     )
 
@@ -129,8 +130,10 @@ def rope_kwargs(model: ModelConfig) -> dict:
     tests/distributed/test_hf_mapping.py): 'linear' is megatron's ``seq_len_interpolation_factor``
     (positions divided by the factor; transformers divides the inverse frequencies instead, the same
     angles up to float rounding), 'llama3' is megatron's ``rope_scaling`` (transformers' formula with
-    megatron's fixed low/high frequency factors 1 and 4 and original context 8192)."""
-    kwargs = dict(position_embedding_type="rope", rotary_base=model.rope_theta)
+    megatron's fixed low/high frequency factors 1 and 4 and original context 8192). ``mrope_section``
+    is megatron's 'mrope' (``MultimodalRotaryEmbedding``, sections from the TransformerConfig): the
+    model then takes position ids ``[3, batch, seq]``, as transformers' Qwen2.5-VL does."""
+    kwargs = dict(position_embedding_type="mrope" if model.mrope_section else "rope", rotary_base=model.rope_theta)
     if model.rope_scaling == "linear":
         kwargs["seq_len_interpolation_factor"] = model.rope_scaling_factor
     elif model.rope_scaling == "llama3":

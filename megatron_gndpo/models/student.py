@@ -14,7 +14,7 @@ from megatron_gndpo.config.schema import ModelConfig, OptimConfig, ParallelConfi
 from megatron_gndpo.distributed.collectives import all_reduce
 from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.models.provider import build_gpt_model, params_dtype
-from megatron_gndpo.models.vlm import load_internvl_checkpoint
+from megatron_gndpo.models.vlm import load_vlm_checkpoint
 from megatron_gndpo.trainer.megatron_glue import (
     CollectFn,
     LogitsReadout,
@@ -113,7 +113,7 @@ class Student:
         stage = dict(pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
         self.vision_language = bool(cfg.student_checkpoint) and is_vision_language(cfg.student_checkpoint)
         if self.vision_language:  # loaded before DDP, which copies the weights into its buffers
-            self.model = wrap_in_ddp(load_internvl_checkpoint(cfg.student_checkpoint, cfg.parallel, cfg.precision,
+            self.model = wrap_in_ddp(load_vlm_checkpoint(cfg.student_checkpoint, cfg.parallel, cfg.precision,
                                                               role="student", **stage), cfg.parallel)
         else:
             self.model = build_student(cfg.model, cfg.parallel, cfg.precision, **stage)

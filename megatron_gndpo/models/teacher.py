@@ -16,7 +16,7 @@ from megatron_gndpo.config.schema import ParallelConfig, TeacherConfig
 from megatron_gndpo.distributed.collectives import all_gather, all_reduce, group_rank
 from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.models.provider import build_gpt_model
-from megatron_gndpo.models.vlm import load_internvl_checkpoint
+from megatron_gndpo.models.vlm import load_vlm_checkpoint
 from megatron_gndpo.models.quantization import logprob_error, quantize_teacher
 from megatron_gndpo.ops.vocab_parallel import vocab_parallel_topk_logprobs
 from megatron_gndpo.trainer.batches import gather_rows
@@ -103,7 +103,7 @@ class Teacher:
         offload = cfg.offload and groups.device.type == "cuda"
         stage = dict(pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
         if cfg.checkpoint and is_vision_language(cfg.checkpoint):  # RunConfig refuses offload / quantize with images
-            self.model = freeze(load_internvl_checkpoint(cfg.checkpoint, parallel, cfg.precision, role=role, **stage))
+            self.model = freeze(load_vlm_checkpoint(cfg.checkpoint, parallel, cfg.precision, role=role, **stage))
         else:
             self.model = build_teacher(cfg, parallel, cpu_initialization=True if offload else None,
                                        pg_collection=own_groups, **stage)

@@ -15,7 +15,8 @@ Prompts with images (a ``VisionLanguageModel``): the first stage runs the vision
 rollout and every forward over prompt positions -- the prefill and the forced prompt tokens of longer
 rows alike -- enters the language model as ``decoder_input``, image embeddings at the prompt's image
 tokens and token embeddings elsewhere (:class:`_PromptImages`). Later stages receive hidden states,
-never images.
+never images. A model with M-RoPE (Qwen2.5-VL) takes 3-D positions on every stage, laid out once per
+rollout from the prompts and their images' grids (:func:`rope_positions`).
 """
 
 from __future__ import annotations
@@ -137,10 +138,12 @@ class _PromptImages:
         features = {}
         if distinct:
             tiles, device = [im.tiles_per_image for im in distinct], tokens.device
+            grids = [im.image_grid_thw for im in distinct]
             out = model.image_features(
                 torch.cat([im.pixel_values for im in distinct]).to(device),
                 image_tiles=torch.tensor(sum(tiles, []), device=device) if all(t is not None for t in tiles) else None,
-                image_tokens=torch.tensor([n for im in distinct for n in im.tokens_per_image], device=device))
+                image_tokens=torch.tensor([n for im in distinct for n in im.tokens_per_image], device=device),
+                image_grid_thw=torch.cat(grids).to(device) if all(g is not None for g in grids) else None)
             features = dict(zip(map(id, distinct), out.split([sum(im.tokens_per_image) for im in distinct])))
         t = torch.arange(tokens.shape[1], device=tokens.device)
         # a text model's prompts hold no image token
@@ -165,6 +168,24 @@ class _PromptImages:
         here = (self.positions >= start) & (self.positions < start + tokens.shape[1])
         embeds[self.positions[here] - start, self.rows[here]] = self.features[here].to(embeds.dtype)
         return embeds
+
+
+def rope_positions(vlm, tokens: torch.Tensor, images: Optional[Sequence[Optional[ImageInputs]]]
+                   ) -> Optional[torch.Tensor]:
+    """The M-RoPE positions ``[3, B, L]`` of the whole token buffer ``[B, L]`` (prompts, then the
+    responses to come) of a ``VisionLanguageModel`` with M-RoPE; None for 1-D RoPE. A prompt's image
+    tokens take their images' grid positions, and every later token, sampled ones included, is text:
+    its index plus the row's rope delta, as transformers continues after the prompt. Needs only the
+    images' grids, so every pipeline stage computes it."""
+    if not isinstance(vlm, VisionLanguageModel) or vlm.rope_config is None:
+        return None
+    rows = list(images) if images is not None else [None] * tokens.shape[0]
+    grids = [im.image_grid_thw for im in rows if im is not None]  # per row, in reading order (shared ones too)
+    row_image_tokens = torch.tensor([sum(im.tokens_per_image) if im is not None else 0 for im in rows],
+                                    device=tokens.device)
+    index = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    return vlm.language_positions(tokens, index, torch.cat(grids).to(tokens.device) if grids else None,
+                                  row_image_tokens)
 
 
 def stage_forward(model, tokens: torch.Tensor, positions: torch.Tensor, context, groups: ProcessGroups, *,
@@ -255,10 +276,14 @@ def generate(
     try:
         prompt_images = _PromptImages(vlm, tokens, plen, images) \
             if images is not None and groups.is_first_stage else None
+        mrope = rope_positions(vlm, tokens, images)
         with fp8_off(model):
             while cur < total and not bool(done.all()):
                 chunk = tokens[:, prev:cur]
-                positions = torch.arange(prev, cur, device=device).expand_as(chunk)
+                # M-RoPE: megatron computes the rotary embedding of the positions it is given and the KV-cached
+                # attention reads it at absolute indices (queries [prev, cur), keys [0, cur)): all of them
+                positions = torch.arange(prev, cur, device=device).expand_as(chunk) if mrope is None \
+                    else mrope[:, :, :cur]
                 embeds = prompt_images.decoder_input(model, chunk, prev) if prompt_images is not None else None
                 logits = stage_forward(model, chunk, positions, context, groups, decoder_input=embeds)
                 context.sequence_len_offset += cur - prev

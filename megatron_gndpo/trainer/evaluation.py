@@ -83,7 +83,7 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, *, limit: Optional[int]
                                                      read_meta, resolve_checkpoint)
     from megatron_gndpo.checkpoint.vision import is_vision_language
     from megatron_gndpo.data.vision import load_vision_processor
-    from megatron_gndpo.models.vlm import load_internvl_checkpoint
+    from megatron_gndpo.models.vlm import load_vlm_checkpoint
     from megatron_gndpo.config.schema import check_same_vocabulary
     from megatron_gndpo.data.prompts import PromptDataset
     from megatron_gndpo.data.tokenizer import check_checkpoint_tokenizers, load_tokenizer
@@ -115,7 +115,7 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, *, limit: Optional[int]
     path, tokenizer, dataset, vocab_size, reward_fn = agree("preparing the evaluation", open_everything)
     stage = dict(pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
     if is_vision_language(path):
-        model = freeze(load_internvl_checkpoint(path, cfg.parallel, cfg.precision, role="student", **stage))
+        model = freeze(load_vlm_checkpoint(path, cfg.parallel, cfg.precision, role="student", **stage))
     else:
         model = freeze(build_gpt_model(cfg.model, cfg.parallel, cfg.precision, **stage))
         load_model_weights(model, path, cfg.model, "student")

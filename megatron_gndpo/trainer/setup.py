@@ -178,8 +178,8 @@ def _check_initial_checkpoints(cfg: RunConfig) -> None:
                         (cfg.algorithm.reference_checkpoint, "algorithm.reference_checkpoint")):
         vision_language = bool(path) and is_vision_language(path)
         if images and not vision_language and field != "algorithm.reference_checkpoint":
-            raise ValueError(f"data.images=process needs a vision-language {field} (an InternVL checkpoint "
-                             f"converted with `megatron-gndpo convert hf-to-megatron`), got "
+            raise ValueError(f"data.images=process needs a vision-language {field} (an InternVL or Qwen2.5-VL "
+                             f"checkpoint converted with `megatron-gndpo convert hf-to-megatron`), got "
                              f"{path or 'none'}: a text model has no vision tower to see the images")
         if vision_language and not images:
             # the paths that take images are the ones data.images=process opens; rows without images stay text

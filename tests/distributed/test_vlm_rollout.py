@@ -1,6 +1,7 @@
-"""Sampling, scoring and training with images on the InternVL model (models/vlm.py), against full
-recomputation, transformers' ``InternVLForConditionalGeneration`` and the single-rank layout (the
-tiny random model of test_vlm.py; nothing downloaded). Plus the teacher / student image-layout check."""
+"""Sampling, scoring and training with images on the vision-language models (models/vlm.py), against
+full recomputation, transformers' ``InternVLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration``
+and the single-rank layout (the tiny random models of test_vlm.py; nothing downloaded). Plus the
+teacher / student image-layout check."""
 
 from __future__ import annotations
 
@@ -12,38 +13,39 @@ from megatron_gndpo.data.images import ImageRef
 from megatron_gndpo.data.vision import ImageInputs, VisionProcessor
 from megatron_gndpo.trainer.images import check_same_image_layout
 from tests import common
-from tests.distributed.test_vlm import END, IMAGE_TOKEN, START, TOKENS_PER_TILE, _hf_model
+from tests.distributed.test_vlm import (FAMILIES, FROZEN, IMAGE_TOKEN, TEXT_FROM, _hf_model, hf_logits, image_inputs,
+                                       image_tokens)
 from tests.harness import relayout, run_distributed
 from tests.unit.test_vision_data import PROMPT, _png, _tokenizer
 
 NEW_TOKENS, VOCAB = 6, 64
 LAYOUTS = ((1, 1), (2, 1), (1, 2))
+# two images of different sizes, and another one (InternVL: tiles; Qwen2.5-VL: patch grids)
+SIZES = {"internvl": ((3, 1), (1,)), "qwen2_5_vl": (((1, 8, 6), (1, 2, 4)), ((1, 4, 4),))}
 
 
-def _prompts():
+def _prompts(family: str = "internvl"):
     """Rows of different lengths; the shortest (text only) is shorter than where the others' images
-    start, so the staggered decode forces image tokens. Row 0: two images of 3 and 1 tiles; rows 1
-    and 3: one 1-tile image, the same ``ImageInputs`` object (a prompt's two samples); row 2: text."""
+    start, so the staggered decode forces image tokens. Row 0: two images of different sizes; rows 1
+    and 3: one image, the same ``ImageInputs`` object (a prompt's two samples); row 2: text."""
     g = torch.Generator().manual_seed(2)
+    start, image, end = image_tokens(family)
 
     def text(n):
-        return torch.randint(6, VOCAB, (n,), generator=g).tolist()
+        return torch.randint(TEXT_FROM[family], VOCAB, (n,), generator=g).tolist()
 
-    def image(tiles):
-        return [START] + [IMAGE_TOKEN] * (TOKENS_PER_TILE * tiles) + [END]
-
-    pixels = torch.randn(5, 3, 28, 28, generator=g)
-    two = ImageInputs(pixels[:4], [TOKENS_PER_TILE * 3, TOKENS_PER_TILE], tiles_per_image=[3, 1])
-    one = ImageInputs(pixels[4:], [TOKENS_PER_TILE], tiles_per_image=[1])
-    prompts = [text(3) + image(3) + text(2) + image(1) + text(1), text(5) + image(1) + text(2), text(2)]
+    two, one = (image_inputs(family, g, sizes) for sizes in SIZES[family])
+    a, b = ([start] + [image] * n + [end] for n in two.tokens_per_image)
+    c = [start] + [image] * one.tokens_per_image[0] + [end]
+    prompts = [text(3) + a + text(2) + b + text(1), text(5) + c + text(2), text(2)]
     return prompts + [prompts[1]], [two, one, None, one]
 
 
-def _sharp_hf_model():
+def _sharp_hf_model(family: str = "internvl"):
     """test_vlm.py's model with every matrix 8x larger: at transformers' initial scale (std 0.02) the
     greedy continuation repeats the last prompt token whatever came before, images included, and a
     sampler that dropped the images would pass (the test checks that they matter)."""
-    hf = _hf_model()
+    hf = _hf_model(family=family)
     with torch.no_grad():
         for p in hf.parameters():
             if p.dim() == 2:
@@ -66,7 +68,7 @@ def _recompute(model, groups, prompt, images):
 
     t = torch.tensor([prompt])
     for _ in range(NEW_TOKENS):
-        mb = {**common.microbatch(t), **(micro_batch_images([images], t.device) if groups.is_first_stage else {})}
+        mb = {**common.microbatch(t), **micro_batch_images([images], t.device, pixels=groups.is_first_stage)}
         got = run_schedule(model, [mb], forward_only=True,
                            collect_fn=lambda lg, mb: {"nxt": _greedy(groups, lg[:, -1])})
         nxt = got[0]["nxt"] if got else torch.zeros(1, dtype=torch.long)
@@ -76,24 +78,24 @@ def _recompute(model, groups, prompt, images):
     return t[0, len(prompt):].tolist()
 
 
-def _rollout_score_train(groups):
+def _rollout_score_train(groups, family):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-    from megatron_gndpo.models.vlm import build_internvl_model, load_internvl_hf_weights
+    from megatron_gndpo.models.vlm import build_vlm_model, load_vlm_hf_weights
     from megatron_gndpo.ops.vocab_parallel import vocab_parallel_logprobs
     from megatron_gndpo.rollout.generator import SamplingParams, generate
     from megatron_gndpo.trainer.batches import sequences_from_rollout, split_rows
     from megatron_gndpo.trainer.images import attach_images
     from megatron_gndpo.trainer.megatron_glue import forward_outputs, run_schedule
 
-    hf = _sharp_hf_model()
-    prompts, images = _prompts()
+    hf = _sharp_hf_model(family)
+    prompts, images = _prompts(family)
     out = {}
     for tp, pp in LAYOUTS:
         groups = relayout(tp, pp)
-        model = build_internvl_model(hf.config, common.parallel(tp, pp), common.FP32, pre_process=groups.is_first_stage,
+        model = build_vlm_model(hf.config, common.parallel(tp, pp), common.FP32, pre_process=groups.is_first_stage,
                                      post_process=groups.is_last_stage)
-        load_internvl_hf_weights(model, hf.state_dict(), hf.config)
+        load_vlm_hf_weights(model, hf.state_dict(), hf.config)
         model.config.calculate_per_token_loss = True  # as build_student: the loss below is already normalised
         rollout = generate(model, prompts, torch.arange(4), SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS),
                            groups=groups, vocab_size=VOCAB, seed=0, max_sequence_length=128, images=images)
@@ -123,22 +125,23 @@ def _rollout_score_train(groups):
             return -(logp * mb["mask"]).sum() / n_tokens, {}
 
         run_schedule(ddp, microbatches, loss_fn=loss_fn, forward_only=False)
-        if model.vision is not None:
+        if model.vision is not None:  # what trains of the vision side: the projector (Qwen2.5-VL's patch merger)
             res["projector_grad"] = {n: p.main_grad / groups.dp_size
-                                     for n, p in model.vision.multi_modal_projector.named_parameters()}
+                                     for n, p in model.vision.named_parameters() if p.requires_grad}
             res["tower_grads"] = [(p.grad, getattr(p, "main_grad", None))
-                                  for p in model.vision.vision_tower.parameters()]
+                                  for p in model.vision.parameters() if not p.requires_grad]
         out[(tp, pp)] = res
     return out
 
 
 @pytest.mark.distributed
-def test_vlm_rollout_scoring_and_training_with_images():
-    prompts, images = _prompts()
-    ranks = run_distributed(_rollout_score_train, 2, timeout_s=240)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vlm_rollout_scoring_and_training_with_images(family):
+    prompts, images = _prompts(family)
+    ranks = run_distributed(_rollout_score_train, 2, args=(family,), timeout_s=240)
     for rank, per_layout in enumerate(ranks):
         for layout, res in per_layout.items():
-            where = f"rank {rank} (TP, PP)={layout}"
+            where = f"{family} rank {rank} (TP, PP)={layout}"
             # KV-cached greedy with images equals full recomputation, rows of every kind
             assert res["cached"][:3] == res["recomputed"], where
             assert res["cached"][3] == res["cached"][1], where  # the shared ImageInputs
@@ -146,23 +149,29 @@ def test_vlm_rollout_scoring_and_training_with_images():
                 assert [res["blind"][b] != res["cached"][b] for b in range(3)] == [True, True, False], where
             assert res["has_pixels"] == [rank == 0 or layout[1] == 1] * 2, where  # first stage only
             if "projector_grad" in res:  # first stage: the projector learns, the frozen tower does not
-                assert all(g is None and main is None for g, main in res["tower_grads"]), where
+                assert res["tower_grads"] and all(g is None and main is None for g, main in res["tower_grads"]), where
                 ref = ranks[0][(1, 1)]["projector_grad"]
                 assert all(g.abs().max() > 0 for g in ref.values())
+                assert sorted({n.removeprefix("visual.").split(".")[0] for n in ref}) == FROZEN[family][1], where
                 for name, g in res["projector_grad"].items():
                     torch.testing.assert_close(g, ref[name], rtol=1e-4, atol=1e-6, msg=f"{where} {name}")
 
     # the scoring path at TP 2 equals transformers' log-probs of the same tokens and images
-    hf = _sharp_hf_model()
+    hf = _sharp_hf_model(family)
     tokens, logp = ranks[0][(2, 1)]["tokens"], ranks[0][(2, 1)]["logp"]
+    sampled_image_tokens = 0
     for b, (prompt, im) in enumerate(zip(prompts, images)):
         n = len(prompt) + NEW_TOKENS
-        row = tokens[b:b + 1, :n]
-        assert int((row[0, len(prompt):] == IMAGE_TOKEN).sum()) == 0, "transformers would read it as an image"
-        with torch.no_grad():
-            logits = hf(input_ids=row, pixel_values=None if im is None else im.pixel_values).logits
-        want = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, row[0, 1:, None])[:, 0]
-        torch.testing.assert_close(logp[b, :n - 1].double(), want, rtol=1e-4, atol=1e-4, msg=f"row {b}")
+        # a sampled image-token id stays a token for us; transformers would read it as an image, so its
+        # log-probs are compared up to that token's own
+        hits = (tokens[b, len(prompt):n] == hf.config.image_token_id).nonzero()
+        if len(hits):
+            n, sampled_image_tokens = len(prompt) + int(hits[0]) + 1, sampled_image_tokens + 1
+        logits = hf_logits(hf, tokens[b:b + 1, :n - 1], im)
+        want = torch.log_softmax(logits[0].double(), -1).gather(-1, tokens[b, 1:n, None])[:, 0]
+        torch.testing.assert_close(logp[b, :n - 1].double(), want, rtol=1e-4, atol=1e-4, msg=f"{family} row {b}")
+    # (the Qwen2.5-VL model samples it in rows 1 and 3: the rollout above equals full recomputation across it)
+    assert (sampled_image_tokens > 0) == (family == "qwen2_5_vl"), sampled_image_tokens
     for rank in ranks[1:]:
         assert torch.equal(rank[(2, 1)]["logp"], logp)
 

@@ -1,6 +1,6 @@
 """GNDPO training with images end to end: a tiny random InternVL student and teacher (transformers configs,
 converted in the test), a parquet of prompts with PNG images made with Pillow (nothing downloaded), the
-trainer at several layouts, a checkpoint saved, resumed and exported."""
+trainer at several layouts, a checkpoint saved, resumed and exported; the same steps with Qwen2.5-VL."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.test_vlm import _hf_model
-from tests.distributed.test_vlm_convert import VOCAB, _safetensors
+from tests.distributed.test_vlm_convert import VOCAB, _safetensors, _save_hf
 from tests.harness import run_distributed
-from tests.unit.test_vision_data import _png, _tokenizer
+from tests.unit.test_vision_data import _png
 
 pytestmark = [pytest.mark.distributed, pytest.mark.vlm_wiring]
 
@@ -24,30 +23,15 @@ COMPARED = ("actor/policy_loss", "actor/grad_norm", "score/mean", "score/std", "
 PROJECTOR = "multi_modal_projector.linear_1.weight"
 
 
-def _save_hf(path: Path, seed: int) -> None:
-    """An InternVL directory as test_vlm_convert writes it; ``seed`` perturbs the weights (teacher != student)."""
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-    model = _hf_model(VOCAB)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05 * (seed > 0))
-    model.save_pretrained(str(path))
-    _tokenizer("internvl").save_pretrained(str(path))
-    GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, max_patches=6).save_pretrained(str(path))
-    (path / "processor_config.json").write_text(json.dumps({"processor_class": "InternVLProcessor",
-                                                            "image_seq_length": 4}))
-
-
-def _prepare(groups, tmp):
-    """Student and teacher converted, and 4 prompts: images of 1 and 3 tiles, two images in one row, text only."""
+def _prepare(groups, tmp, family="internvl"):
+    """Student and teacher converted (test_vlm_convert's directories, the teacher perturbed), and 4 prompts:
+    images of different sizes (InternVL: 1 and 3 tiles), two images in one row, text only."""
     from megatron_gndpo.checkpoint import convert
     from megatron_gndpo.data.prompts import verl_row, write_prompt_parquet
 
     tmp = Path(tmp)
     for name, seed in (("student", 0), ("teacher", 1)):
-        _save_hf(tmp / f"hf_{name}", seed)
+        _save_hf(tmp / f"hf_{name}", family, seed, max_shard_size="5GB")
         convert.hf_to_megatron(str(tmp / f"hf_{name}"), str(tmp / name))
     def row(content, truth, *images):
         return verl_row([{"role": "user", "content": content}], truth, data_source="t",
@@ -155,15 +139,7 @@ def test_gndpo_steps_with_images_match_across_layouts_and_resume(tmp_path):
         assert torch.equal(ref["weights"][key], ref["initial"][key]), key
 
     assert ref["metrics"][0]["prompt/length_max"] > 20  # image tokens count in the prompt length
-    for layout, ranks in layouts.items():  # (TP, PP, DP) == (1, 1, 1)
-        got = next(o["metrics"] for o in ranks if o["metrics"] is not None)
-        for step, (r, g) in enumerate(zip(ref["metrics"], got)):
-            for key in COMPARED:
-                assert g[key] == pytest.approx(r[key], rel=1e-4, abs=1e-5), (layout, step, key)
-        for key, w in ref["weights"].items():  # (the vocabulary is padded to 128 x TP: its real rows compared)
-            cut = slice(VOCAB) if "word_embeddings" in key or "output_layer" in key else slice(None)
-            torch.testing.assert_close(ranks[0]["weights"][key][cut], w[cut], rtol=0, atol=2e-5, msg=(layout, key))
-        assert ranks[0]["val"] == pytest.approx(ref["val"]), layout
+    _same_as_reference(ref, layouts)
 
     # resumed from the step-1 checkpoint, step 2 is the same step
     for key in COMPARED:
@@ -180,3 +156,34 @@ def test_gndpo_steps_with_images_match_across_layouts_and_resume(tmp_path):
     # `megatron-gndpo eval` loads the step-1 checkpoint's VLM and validates it with the images, as the run did
     assert ref["eval"]["step"] == 1 and ref["eval"]["prompts"] == 4
     assert {k: ref["eval"][k] for k in ref["val1"]} == ref["val1"]
+
+
+def _same_as_reference(ref, layouts) -> None:
+    """Every layout's run took the steps of the (TP, PP, DP) = (1, 1, 1) run ``ref``: metrics, weights, validation."""
+    for layout, ranks in layouts.items():
+        got = next(o["metrics"] for o in ranks if o["metrics"] is not None)
+        for step, (r, g) in enumerate(zip(ref["metrics"], got)):
+            for key in COMPARED:
+                assert g[key] == pytest.approx(r[key], rel=1e-4, abs=1e-5), (layout, step, key)
+        for key, w in ref["weights"].items():  # (the vocabulary is padded to 128 x TP: its real rows compared)
+            cut = slice(VOCAB) if "word_embeddings" in key or "output_layer" in key else slice(None)
+            torch.testing.assert_close(ranks[0]["weights"][key][cut], w[cut], rtol=0, atol=2e-5, msg=(layout, key))
+        assert ranks[0]["val"] == pytest.approx(ref["val"]), layout
+
+
+def test_qwen25vl_gndpo_steps_with_images_match_across_layouts(tmp_path):
+    """Two GNDPO steps of a Qwen2.5-VL student and teacher (M-RoPE positions in the sampler, the scores and the
+    update) at (TP, PP, DP) = (2, 1, 1) and (1, 2, 1) are those of (1, 1, 1); the patch merger trains, the
+    rest of the ViT does not move."""
+    run_distributed(_prepare, 1, args=(str(tmp_path), "qwen2_5_vl"))
+    ref = run_distributed(_train, 1, args=(str(tmp_path), 1, 1, False))[0]
+    layouts = {(tp, pp, 1): run_distributed(_train, 2, tp=tp, pp=pp, args=(str(tmp_path), tp, pp, False))
+               for tp, pp in ((2, 1), (1, 2))}
+    merger = [k for k in ref["weights"] if k.startswith("vision.visual.merger.")]
+    encoder = [k for k in ref["weights"] if k.startswith("vision.visual.") and k not in merger]
+    assert merger and encoder
+    assert any(not torch.equal(ref["weights"][k], ref["initial"][k]) for k in merger)
+    for key in encoder:
+        assert torch.equal(ref["weights"][key], ref["initial"][key]), key
+    assert ref["metrics"][0]["prompt/length_max"] > 16  # image tokens count in the prompt length
+    _same_as_reference(ref, layouts)

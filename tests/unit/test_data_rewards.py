@@ -95,7 +95,8 @@ def test_geo3k_tool_converts_a_local_copy(tmp_path):
         geo3k.main(["--src", str(src), "--out", str(tmp_path / "out2")])
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "geo3k_gndpo.yaml", "geo3k_opd.yaml", "geo3k_gndpo_internvl.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "geo3k_gndpo.yaml", "geo3k_opd.yaml", "geo3k_gndpo_internvl.yaml",
+                                  "geo3k_gndpo_qwen25vl.yaml"])
 def test_example_configs_load(name):
     cfg = load_config(REPO / "examples" / "configs" / name)
     assert cfg.algorithm.estimator in ("gndpo", "opd")

@@ -154,3 +154,54 @@ def test_megatron_rotary_angles_are_transformers(rope):
     # what LlamaRotaryEmbedding.forward computes for position_ids 0..n-1
     expected = torch.arange(n, dtype=torch.float32)[:, None] * theirs.inv_freq
     torch.testing.assert_close(ours.get_freqs_non_repeated(n), expected, rtol=1e-6, atol=0)
+
+
+# Qwen2.5-VL-3B-Instruct's config.json in the layout it is published in (transformers 4.x: the language model's
+# fields at the top level, M-RoPE as rope_scaling type "mrope")
+QWEN2_5_VL_3B = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 128000,
+    "max_window_layers": 70, "model_type": "qwen2_5_vl", "num_attention_heads": 16, "num_hidden_layers": 36,
+    "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True,
+    "use_sliding_window": False,
+    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                      "num_heads": 16, "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14,
+                      "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 151936}
+
+
+def test_qwen2_5_vl_language_model_is_qwen2_with_mrope(tmp_path):
+    from megatron_gndpo.models.vlm import vlm_language_config
+
+    cfg = vlm_language_config(_load(tmp_path, QWEN2_5_VL_3B))
+    assert (cfg.mrope_section, cfg.rope_theta, cfg.rope_scaling) == ([16, 24, 24], 1e6, None)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.head_dim, cfg.num_key_value_heads) == (2048, 36, 128, 2)
+    assert cfg.attention_bias and not cfg.qk_layernorm and cfg.tie_word_embeddings
+    assert rope_kwargs(cfg) == dict(position_embedding_type="mrope", rotary_base=1e6)
+    with pytest.raises(ValueError, match="M-RoPE.*positions are 3-D"):  # a text export would drop the 3-D positions
+        hf_config_from_model(cfg, "qwen2", "bfloat16")
+
+
+@pytest.mark.parametrize("rope,message", [
+    ({"type": "yarn", "factor": 4.0, "mrope_section": [16, 24, 24]}, "only M-RoPE"),
+    ({"type": "mrope"}, "no mrope_section"),
+])
+def test_qwen2_5_vl_rope_other_than_mrope_is_refused_by_name(tmp_path, rope, message):
+    from megatron_gndpo.models.vlm import vlm_language_config
+
+    with pytest.raises(ValueError, match=message):
+        vlm_language_config(_load(tmp_path, {**QWEN2_5_VL_3B, "rope_scaling": rope}))
+
+
+def test_model_config_checks_its_mrope_section():
+    assert ModelConfig(hidden_size=64, num_attention_heads=4, mrope_section=(2, 3, 3)).mrope_section == [2, 3, 3]
+    for kwargs, message in [(dict(mrope_section=[2, 3, 4]), "summing to head_dim / 2 \\(8\\)"),
+                            (dict(mrope_section=[8]), "3 positive sizes"),
+                            (dict(mrope_section=[2, 3, 3], rope_scaling="linear", rope_scaling_factor=2.0),
+                             "without frequency scaling")]:
+        with pytest.raises(ValueError, match=message):
+            ModelConfig(hidden_size=64, num_attention_heads=4, **kwargs)

@@ -59,7 +59,7 @@ def test_prompt_plus_response_must_fit_both_models():
         load_config(None, ["rollout.max_new_tokens=300"])
     with pytest.raises(ValueError, match=r"exceeds teacher.model.max_position_embeddings \(300\)"):
         load_config(None, ["teacher.model.max_position_embeddings=300"])
-    for name in ("demo", "geo3k_gndpo", "geo3k_opd", "geo3k_gndpo_internvl"):
+    for name in ("demo", "geo3k_gndpo", "geo3k_opd", "geo3k_gndpo_internvl", "geo3k_gndpo_qwen25vl"):
         load_config(REPO / "examples" / "configs" / f"{name}.yaml")
 
 
