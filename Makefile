@@ -45,14 +45,10 @@ $(VENV_LATEST)/.installed: setup.py requirements/mcore-latest-constraints.txt
 	$(PY_LATEST) -m pip install -q -c requirements/mcore-latest-constraints.txt -e ".[dev]"
 	touch $@
 
-# Every test that reaches megatron-core (unit + spawned worlds), against its newest release; the
-# algorithm x layout matrix (5 min of our own wiring through the same schedules test_trainer's layouts
-# exercise) and the whole vision-language conversion / training runs (our wiring around the dist-checkpoint,
-# DDP and schedule calls that test_convert and test_trainer make; both passed on 0.19.2 when written) run in
-# `make test` only, to keep .ci/run within its budget.
+# Every test that reaches megatron-core (unit + spawned worlds), against its newest release.
 test-mcore-latest: $(VENV_LATEST)/.installed
 	$(PY_LATEST) -c "import megatron.core as m; assert m.__version__.startswith('$(MCORE_LATEST)'), m.__version__"
-	$(PY_LATEST) -m pytest tests/unit tests/distributed -q -p no:cacheprovider -m "not layout_matrix and not vlm_wiring"
+	$(PY_LATEST) -m pytest tests/unit tests/distributed -q -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) build *.egg-info

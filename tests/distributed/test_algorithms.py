@@ -106,7 +106,6 @@ def single_process(workdir):
     return run_distributed(_train, 1, args=(str(workdir), list(CONFIGS), 1, 1))[0]
 
 
-@pytest.mark.layout_matrix
 @pytest.mark.parametrize("group", ["estimators", "divergences"])
 @pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)])
 def test_every_algorithm_trains_alike_at_every_layout(workdir, single_process, tp, pp, dp, group):

@@ -19,7 +19,7 @@ from tests.distributed.test_vlm import FAMILIES, _batch, _hf_model, hf_logits, m
 from tests.harness import relayout, run_distributed
 from tests.unit.test_vision_data import _tokenizer
 
-pytestmark = [pytest.mark.distributed, pytest.mark.vlm_wiring]
+pytestmark = pytest.mark.distributed
 VOCAB = 128  # the test tokenizers have 107 tokens; their image tokens are test_vlm's
 # (TP, PP) -> the checkpoint loaded there: converted at TP=PP=1, or converted at TP=PP=2 and resharded to TP=1, PP=2
 LAYOUTS = {(1, 1): "mg", (2, 1): "mg", (1, 2): "mg12"}

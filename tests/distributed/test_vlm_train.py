@@ -16,7 +16,7 @@ from tests.distributed.test_vlm_convert import VOCAB, _safetensors, _save_hf
 from tests.harness import run_distributed
 from tests.unit.test_vision_data import _png
 
-pytestmark = [pytest.mark.distributed, pytest.mark.vlm_wiring]
+pytestmark = pytest.mark.distributed
 
 COMPARED = ("actor/policy_loss", "actor/grad_norm", "score/mean", "score/std", "reward", "response/length_mean",
             "prompt/length_mean", "prompt/length_max", "estimator/valid_tokens")

@@ -9,8 +9,6 @@ import pytest
 from megatron_gndpo import demo_vlm
 from tests.trainer_setup import REPO
 
-pytestmark = pytest.mark.vlm_wiring
-
 
 def _make_data():
     """examples/counting/make_data.py, a script rather than a package module."""
