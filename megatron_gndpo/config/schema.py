@@ -421,6 +421,10 @@ class TrainerConfig:
     holds at most ``max_tokens_per_microbatch`` tokens (default ``micro_batch_size`` x the step's longest
     row). Transformer Engine runs it through megatron-core's THD path, the local spec through an explicit
     attention mask. The rollout is unchanged."""
+    freeze_vision_tower: bool = True
+    """A vision-language student's vision encoder (InternViT; Qwen2.5-VL's ViT) gets no gradient and no
+    optimizer state, as the GNDPO reference trains InternVL; its projector / patch merger and language model
+    train either way. False trains the encoder too."""
     output_dir: str = "outputs/run"
     """Metrics (JSONL, TensorBoard) and, unless ``save_dir`` is set, checkpoints go here."""
     save_dir: Optional[str] = None

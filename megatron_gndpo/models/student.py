@@ -113,8 +113,9 @@ class Student:
         stage = dict(pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
         self.vision_language = bool(cfg.student_checkpoint) and is_vision_language(cfg.student_checkpoint)
         if self.vision_language:  # loaded before DDP, which copies the weights into its buffers
-            self.model = wrap_in_ddp(load_vlm_checkpoint(cfg.student_checkpoint, cfg.parallel, cfg.precision,
-                                                              role="student", **stage), cfg.parallel)
+            vlm = load_vlm_checkpoint(cfg.student_checkpoint, cfg.parallel, cfg.precision, role="student",
+                                      train_vision_tower=not cfg.trainer.freeze_vision_tower, **stage)
+            self.model = wrap_in_ddp(vlm, cfg.parallel)
         else:
             self.model = build_student(cfg.model, cfg.parallel, cfg.precision, **stage)
         self.optimizer = build_optimizer(cfg.optim, cfg.precision, cfg.parallel, self.model)

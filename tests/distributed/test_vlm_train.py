@@ -88,10 +88,10 @@ def _state(trainer):
 def _train(groups, tmp, tp, pp, resume_too):
     """Two steps (saving after the first when ``resume_too``, then a second run resumed from that
     checkpoint takes step 2 again); the metrics, weights and validation."""
+    import torch.distributed as dist
+
     from megatron_gndpo.distributed.init import destroy_parallel
     from megatron_gndpo.trainer.trainer import Trainer
-
-    import torch.distributed as dist
 
     tmp = Path(tmp)
     run = f"run_{tp}{pp}{dist.get_world_size() // (tp * pp)}"
@@ -124,8 +124,26 @@ def _train(groups, tmp, tp, pp, resume_too):
     return out
 
 
+def _unfrozen_tower_step(groups, tmp):
+    """One step with ``trainer.freeze_vision_tower=false``: which vision tensors moved."""
+    from megatron_gndpo.distributed.init import destroy_parallel
+    from megatron_gndpo.trainer.trainer import Trainer
+
+    cfg = _config(Path(tmp), "unfrozen")
+    cfg.trainer.freeze_vision_tower = False
+    destroy_parallel(destroy_process_group=False)
+    trainer = Trainer(cfg)
+    before = _state(trainer)
+    trainer.train_step()
+    after = _state(trainer)
+    trainer.close(destroy_process_group=False)
+    return {k: not torch.equal(before[k], after[k]) for k in before if k.startswith("vision.")}
+
+
 def test_gndpo_steps_with_images_match_across_layouts_and_resume(tmp_path):
     run_distributed(_prepare, 1, args=(str(tmp_path),))
+    moved = run_distributed(_unfrozen_tower_step, 1, args=(str(tmp_path),))[0]
+    assert all(moved.values()), [k for k, m in moved.items() if not m]  # tower and projector train
     ref = run_distributed(_train, 1, args=(str(tmp_path), 1, 1, True))[0]
     layouts = {(tp, pp, 2 // (tp * pp)): run_distributed(_train, 2, tp=tp, pp=pp, args=(str(tmp_path), tp, pp, False))
                for tp, pp in ((2, 1), (1, 2), (1, 1))}
