@@ -21,8 +21,9 @@ from tests.unit.test_vision_data import _tokenizer
 
 pytestmark = pytest.mark.distributed
 VOCAB = 128  # the test tokenizers have 107 tokens; their image tokens are test_vlm's
-# (TP, PP) -> the checkpoint loaded there: converted at TP=PP=1, or converted at TP=PP=2 and resharded to TP=1, PP=2
-LAYOUTS = {(1, 1): "mg", (2, 1): "mg", (1, 2): "mg12"}
+# (TP, PP) -> the checkpoint loaded there: converted at TP=PP=1, converted at TP=PP=2, or that one resharded to
+# TP=1, PP=2 (loaded by a world of 4)
+LAYOUTS = {(1, 1): "mg", (2, 1): "mg", (1, 2): "mg12", (2, 2): "mg22"}
 
 
 # per family: a vision tensor of the files' naming (its shard gets the bad tensors), tensors the mapping does
@@ -227,7 +228,7 @@ def test_vlm_conversion_round_trips_and_loads_at_every_layout(tmp_path, family):
     assert TENSORS[family][0] in got["nan"] and "NaN" in got["nan"]
     assert not any((tmp_path / f"o{i}").exists() for i in range(6))
 
-    results = run_distributed(_vlm_logits, 2, args=(str(tmp_path), toks, im), timeout_s=240)
+    results = run_distributed(_vlm_logits, 4, args=(str(tmp_path), toks, im), timeout_s=240)
     seen = {}
     for r in results:
         seen.update(r)
