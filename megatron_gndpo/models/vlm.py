@@ -193,6 +193,22 @@ class VisionLanguageModel(torch.nn.Module):
                                      "disagree on the image-token layout)")
         return features
 
+    def shared_image_features(self, pixel_values: torch.Tensor, image_source: torch.Tensor, image_tokens: torch.Tensor,
+                              image_tiles: Optional[torch.Tensor] = None,
+                              image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`image_features` of images some of which repeat (the n samples of a prompt share its images):
+        ``pixel_values`` holds each distinct image once, ``image_source`` ``[images]`` names the distinct image
+        (its index among them) of every image in reading order, and ``image_tokens`` / ``image_tiles`` /
+        ``image_grid_thw`` are per image in reading order. The vision tower runs once per distinct image; its
+        embeddings are repeated where the image repeats (their gradients add up)."""
+        source = image_source.tolist()
+        first = torch.tensor([source.index(d) for d in range(max(source) + 1)], device=image_source.device)
+        features = self.image_features(pixel_values, image_tiles[first] if image_tiles is not None else None,
+                                       image_tokens[first],
+                                       image_grid_thw[first] if image_grid_thw is not None else None)
+        per_image = features.split(image_tokens[first].tolist())
+        return torch.cat([per_image[d] for d in source])
+
     def image_mask(self, input_ids: torch.Tensor, row_image_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[batch, seq]`` True at the image tokens of ``input_ids``. With ``row_image_tokens`` ``[batch]``
         (the image tokens of each row's prompt) only the first that many of a row: a sampled response
@@ -233,9 +249,11 @@ class VisionLanguageModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask,
                 pixel_values: Optional[torch.Tensor] = None, image_tiles: Optional[torch.Tensor] = None,
                 image_tokens: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None,
-                row_image_tokens: Optional[torch.Tensor] = None, **kwargs):
+                row_image_tokens: Optional[torch.Tensor] = None, image_source: Optional[torch.Tensor] = None,
+                **kwargs):
         """``input_ids`` [batch, seq]; ``pixel_values`` every image of the batch, in the order their
-        image tokens appear in ``input_ids`` read row after row (None: no images, or a later stage);
+        image tokens appear in ``input_ids`` read row after row (None: no images, or a later stage), or with
+        ``image_source`` each distinct image once (:meth:`shared_image_features`);
         ``image_tiles`` / ``image_tokens`` [images] to check each image's layout (:meth:`image_features`);
         ``image_grid_thw`` [images, 3] Qwen2.5-VL's grids, on every stage (the M-RoPE positions need
         them); ``row_image_tokens`` [batch] as in :meth:`image_mask`."""
@@ -249,7 +267,10 @@ class VisionLanguageModel(torch.nn.Module):
             raise NotImplementedError("images with sequence parallelism: the embeddings would be merged into "
                                       "sequence shards")
         embeds = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)  # [seq, batch, h]
-        features = self.image_features(pixel_values, image_tiles, image_tokens, image_grid_thw)
+        if image_source is None:
+            features = self.image_features(pixel_values, image_tiles, image_tokens, image_grid_thw)
+        else:
+            features = self.shared_image_features(pixel_values, image_source, image_tokens, image_tiles, image_grid_thw)
         return self.language_model(input_ids, position_ids, attention_mask,
                                    decoder_input=self.merge(input_ids, embeds, features, row_image_tokens), **kwargs)
 

@@ -10,6 +10,7 @@ grids and each row's image-token count, from which every stage lays out the M-Ro
 
 from __future__ import annotations
 
+import itertools
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -20,10 +21,12 @@ from megatron_gndpo.distributed.init import ProcessGroups
 
 MicroBatch = Dict[str, torch.Tensor]
 
-IMAGE_KEYS = ("pixel_values", "image_tiles", "image_tokens", "image_grid_thw", "row_image_tokens")
-"""What a micro-batch's images are made of: ``pixel_values`` (every image's tiles / patches, row after
-row), per image ``image_tiles`` (InternVL) or ``image_grid_thw`` (Qwen2.5-VL) and ``image_tokens``,
-per row ``row_image_tokens`` (the image tokens its prompt holds)."""
+IMAGE_KEYS = ("pixel_values", "image_source", "image_tiles", "image_tokens", "image_grid_thw", "row_image_tokens")
+"""What a micro-batch's images are made of: ``pixel_values`` (the tiles / patches of each distinct image
+once: the rows of one prompt's samples share its ``ImageInputs``, and the vision tower runs once per
+prompt), per image in reading order ``image_source`` (which distinct image it is), ``image_tiles``
+(InternVL) or ``image_grid_thw`` (Qwen2.5-VL) and ``image_tokens``, per row ``row_image_tokens`` (the
+image tokens its prompt holds)."""
 
 
 def micro_batch_images(images: Sequence[Optional[ImageInputs]], device: torch.device, *,
@@ -41,7 +44,12 @@ def micro_batch_images(images: Sequence[Optional[ImageInputs]], device: torch.de
         out["image_grid_thw"] = torch.cat([im.image_grid_thw for im in present]).to(device)
     if not pixels:
         return out
-    out["pixel_values"] = torch.cat([im.pixel_values for im in present]).to(device)
+    distinct = list({id(im): im for im in present}.values())  # the samples of a prompt share one object
+    first_image = dict(zip(map(id, distinct), itertools.accumulate([len(im.tokens_per_image) for im in distinct],
+                                                                   initial=0)))
+    out["pixel_values"] = torch.cat([im.pixel_values for im in distinct]).to(device)
+    out["image_source"] = torch.tensor([first_image[id(im)] + k for im in present
+                                        for k in range(len(im.tokens_per_image))], device=device)
     out["image_tokens"] = torch.tensor([n for im in present for n in im.tokens_per_image], device=device)
     if all(im.tiles_per_image is not None for im in present):
         out["image_tiles"] = torch.tensor([n for im in present for n in im.tiles_per_image], device=device)

@@ -228,7 +228,9 @@ def test_attach_images_follows_row_ids_on_the_first_stage_only():
     first, second = microbatches
     assert first["pixel_values"][:, 0, 0, 0].tolist() == [2.0] and first["row_image_tokens"].tolist() == [4, 0]
     assert first["image_tiles"].tolist() == [1] and first["image_tokens"].tolist() == [4]
-    assert second["pixel_values"].shape[0] == 6 and second["row_image_tokens"].tolist() == [12, 12]
+    # rows 3 and 0 share a's object (two samples of a prompt): its 3 tiles once, each image named twice
+    assert second["pixel_values"].shape[0] == 3 and second["row_image_tokens"].tolist() == [12, 12]
+    assert second["image_source"].tolist() == [0, 1, 0, 1]
     assert second["image_tiles"].tolist() == [2, 1, 2, 1] and second["image_tokens"].tolist() == [8, 4, 8, 4]
     later = [{"tokens": torch.zeros(2, 4, dtype=torch.long), "row_ids": torch.tensor([0, 1])}]
     attach_images(later, per_row, SimpleNamespace(is_first_stage=False))

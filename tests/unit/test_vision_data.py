@@ -203,3 +203,35 @@ def test_geo3k_tool_keeps_the_images(tmp_path):
     assert [(r.images[0].height, r.images[0].width) for r in read] == [(40, 90), (20, 30)]
     assert read[0].messages[0]["content"].startswith("<image>Find x.")
     assert read_images(str(tmp_path / "train.parquet"), 0, [{"bytes": _png(40, 90, 0)}])[0].open().size == (90, 40)
+
+
+def test_a_prompts_samples_share_one_vision_tower_run_per_micro_batch():
+    """Three rows: two samples of a prompt with two images (one ImageInputs object), a text-only row, a
+    prompt with one image. The micro-batch carries the shared pixels once; the model runs the tower on the
+    distinct images only and gives every row its images' embeddings in reading order, as if each row had
+    carried its own pixels."""
+    from megatron_gndpo.data.vision import ImageInputs
+    from megatron_gndpo.models.vlm import VisionLanguageModel
+    from megatron_gndpo.trainer.images import micro_batch_images
+
+    def pixels(*values):
+        return torch.tensor([[float(v)] for v in values])
+
+    shared = ImageInputs(pixels(1, 2, 3), tokens_per_image=[2, 1], tiles_per_image=[2, 1])
+    single = ImageInputs(pixels(7), tokens_per_image=[1], tiles_per_image=[1])
+    mb = micro_batch_images([shared, None, shared, single], torch.device("cpu"))
+    assert mb["pixel_values"].flatten().tolist() == [1, 2, 3, 7]  # the shared prompt's tiles once
+    assert mb["image_source"].tolist() == [0, 1, 0, 1, 2]
+    assert mb["image_tokens"].tolist() == [2, 1, 2, 1, 1] and mb["row_image_tokens"].tolist() == [3, 0, 3, 1]
+
+    class Tower:  # one embedding per tile: the tile's value, scaled
+        seen = []
+
+        def image_features(self, pixel_values, image_tiles, image_tokens, image_grid_thw):
+            self.seen.append(pixel_values.flatten().tolist())
+            return 10 * pixel_values
+
+    got = VisionLanguageModel.shared_image_features(Tower(), mb["pixel_values"], mb["image_source"],
+                                                    mb["image_tokens"], mb["image_tiles"])
+    assert Tower.seen == [[1, 2, 3, 7]]
+    assert got.flatten().tolist() == [10, 20, 30, 10, 20, 30, 70]  # row 1's images, row 3's, row 4's
