@@ -191,12 +191,12 @@ def _same_as_reference(ref, layouts) -> None:
 
 def test_qwen25vl_gndpo_steps_with_images_match_across_layouts(tmp_path):
     """Two GNDPO steps of a Qwen2.5-VL student and teacher (M-RoPE positions in the sampler, the scores and the
-    update) at (TP, PP, DP) = (2, 1, 1) and (1, 2, 1) are those of (1, 1, 1); the patch merger trains, the
+    update) at (TP, PP, DP) = (2, 1, 1), (1, 2, 1) and (1, 1, 2) are those of (1, 1, 1); the patch merger trains, the
     rest of the ViT does not move."""
     run_distributed(_prepare, 1, args=(str(tmp_path), "qwen2_5_vl"))
     ref = run_distributed(_train, 1, args=(str(tmp_path), 1, 1, False))[0]
-    layouts = {(tp, pp, 1): run_distributed(_train, 2, tp=tp, pp=pp, args=(str(tmp_path), tp, pp, False))
-               for tp, pp in ((2, 1), (1, 2))}
+    layouts = {(tp, pp, 2 // (tp * pp)): run_distributed(_train, 2, tp=tp, pp=pp, args=(str(tmp_path), tp, pp, False))
+               for tp, pp in ((2, 1), (1, 2), (1, 1))}
     merger = [k for k in ref["weights"] if k.startswith("vision.visual.merger.")]
     encoder = [k for k in ref["weights"] if k.startswith("vision.visual.") and k not in merger]
     assert merger and encoder
