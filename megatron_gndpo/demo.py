@@ -107,23 +107,34 @@ def plot_runs(runs, out: Path):
     fig.savefig(out, dpi=100)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--out", default=str(REPO / "outputs" / "demo"))
+def demo_arguments(argv, description: str, config: Path, out: Path, check_out, name: str) -> argparse.Namespace:
+    """The command line both demos take (``out`` resolved to an absolute path), with ``check_out(out)``
+    run before any compute: a refusal exits with its reason, prefixed with the demo's ``name``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(config))
+    parser.add_argument("--out", default=str(out))
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("overrides", nargs="*", help="extra config overrides for the distillation runs")
     args = parser.parse_args(argv)
-    out = Path(args.out).resolve()
+    args.out = Path(args.out).resolve()
     try:
-        check_out(out)
+        check_out(args.out)
     except DemoError as e:
-        sys.exit(f"demo: {e}")
+        sys.exit(f"{name}: {e}")
+    return args
 
-    # This checkout's package first: the warm-up script is run by path, and would otherwise import
-    # whichever megatron_gndpo the interpreter has installed.
+
+def checkout_env() -> dict:
+    """The demos' subprocess environment: this checkout's package first (the warm-up scripts are run by
+    path, and would otherwise import whichever megatron_gndpo the interpreter has installed)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
+
+
+def main(argv=None):
+    args = demo_arguments(argv, __doc__, DEFAULT_CONFIG, REPO / "outputs" / "demo", check_out, "demo")
+    out = args.out
+    env = checkout_env()
     for role, recipe in SFT.items():
         run_command([sys.executable, "examples/arithmetic/train_sft.py", "--config", args.config, "--role", role,
               "--steps", str(recipe["steps"]), "--lr", str(recipe["lr"]), "--decay", recipe["decay"],

@@ -21,13 +21,12 @@ every file in them.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from megatron_gndpo.demo import MARKER, DemoError, check_owned_dir, fresh_run_dir, plot_runs, read_metrics, run_command
+from megatron_gndpo.demo import (MARKER, DemoError, check_owned_dir, checkout_env, demo_arguments, fresh_run_dir,
+                                 plot_runs, read_metrics, run_command)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "examples" / "configs" / "demo_vlm.yaml"
@@ -53,21 +52,9 @@ def check_out(out: Path) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--out", default=str(REPO / "outputs" / "demo_vlm"))
-    parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("overrides", nargs="*", help="extra config overrides for the distillation run")
-    args = parser.parse_args(argv)
-    out = Path(args.out).resolve()
-    try:
-        check_out(out)
-    except DemoError as e:
-        sys.exit(f"demo-vlm: {e}")
-
-    # this checkout's package first (the warm-up script is run by path)
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
+    args = demo_arguments(argv, __doc__, DEFAULT_CONFIG, REPO / "outputs" / "demo_vlm", check_out, "demo-vlm")
+    out = args.out
+    env = checkout_env()
     for role, recipe in SFT.items():
         hf_dir = out / f"hf_{role}"
         run_command([sys.executable, SFT_SCRIPT, "--role", role, "--steps", str(recipe["steps"]),
