@@ -27,7 +27,8 @@ STEP_MODULES = ["megatron_gndpo/trainer/trainer.py", "megatron_gndpo/trainer/eva
                 "megatron_gndpo/trainer/megatron_glue.py", "megatron_gndpo/rollout/generator.py",
                 "megatron_gndpo/trainer/step.py", "megatron_gndpo/trainer/batches.py",
                 "megatron_gndpo/trainer/images.py", "megatron_gndpo/rollout/continuous.py",
-                "megatron_gndpo/models/quantization.py", *sorted(str(p.relative_to(REPO)) for p in
+                "megatron_gndpo/models/quantization.py", "megatron_gndpo/models/teacher.py",
+                "megatron_gndpo/models/vlm.py", *sorted(str(p.relative_to(REPO)) for p in
                                                               (REPO / "megatron_gndpo/algorithms").glob("*.py"))]
 
 
