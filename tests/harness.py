@@ -20,7 +20,6 @@ import gc
 import io
 import os
 import queue
-import socket
 import time
 import traceback
 from typing import Any, Callable, Dict, List, Sequence
@@ -28,14 +27,10 @@ from typing import Any, Callable, Dict, List, Sequence
 import torch
 import torch.multiprocessing as mp
 
-# a rank that binds a port another process took between _free_port() and the bind (concurrent test runs)
+from megatron_gndpo.distributed.init import free_port
+
+# a rank that binds a port another process took between free_port() and the bind (concurrent test runs)
 _PORT_TAKEN = ("EADDRINUSE", "Address already in use")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _destroy_subgroups() -> None:
@@ -139,7 +134,7 @@ class _World:
                 p.start()
 
     def run(self, fn, tp, pp, seed, args, timeout_s) -> List[Any]:
-        port = _free_port()
+        port = free_port()
         for q in self.tasks:
             q.put((port, fn, tp, pp, seed, tuple(args)))
         out: dict = {}

@@ -79,7 +79,8 @@ class ProcessGroups:
         return self.pp_rank == self.pp_size - 1
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A local TCP port free now (another process may take it before it is bound)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -106,7 +107,7 @@ def init_parallel(
         cpu_backend.apply()
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     world = int(os.environ["WORLD_SIZE"])
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if world % (tp * pp) != 0:

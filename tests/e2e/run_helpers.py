@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,12 +25,6 @@ from tests.trainer_setup import REPO, tree, write_prompts
 # sampler runs eagerly: compiling it again in every restarted process would cost seconds per launch,
 # and the compiled path has its own tests.
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "MEGATRON_GNDPO_COMPILE": "0", "OMP_NUM_THREADS": "1"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(tmp: Path) -> Path:

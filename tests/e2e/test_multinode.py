@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from tests.e2e.run_helpers import (assert_same_checkpoint, finish, free_port, launcher, metric_rows, torchrun,
-                                   train_command, write_config)
+from megatron_gndpo.distributed.init import free_port
+from tests.e2e.run_helpers import (assert_same_checkpoint, finish, launcher, metric_rows, torchrun, train_command,
+                                   write_config)
 
 STEPS = 2
 
