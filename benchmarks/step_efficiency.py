@@ -100,7 +100,7 @@ def timed(fn, repeats: int) -> float:
 
 def run_variant(variant: str, batch, student, optimizer, teacher, readout, args) -> dict:
     from megatron_gndpo.trainer.batches import attach, row_lengths
-    from megatron_gndpo.trainer.megatron_glue import forward_logprobs, forward_outputs, run_schedule
+    from megatron_gndpo.trainer.megatron_glue import TokenLoss, forward_logprobs, forward_outputs, run_schedule
 
     mbs = microbatches(batch, variant, args)
     n_tokens = float(batch["mask"].sum())
@@ -110,14 +110,13 @@ def run_variant(variant: str, batch, student, optimizer, teacher, readout, args)
             return forward_outputs(model, mbs, lambda logits, mb: {key: readout.logprobs(logits, mb["labels"])})
         return forward_logprobs(model, mbs, readout, key)
 
-    def loss_fn(logits, mb):
-        lp = readout.logprobs(logits, mb["labels"])
-        return -(lp * mb["advantages"] * mb["mask"]).sum() / n_tokens, {}
+    loss = TokenLoss(lambda logits, mb: {"lp": readout.logprobs(logits, mb["labels"])},
+                     lambda tokens, mb: (-(tokens["lp"] * mb["advantages"] * mb["mask"]).sum() / n_tokens, {}))
 
     def train():
         student.zero_grad_buffer()
         optimizer.zero_grad()
-        run_schedule(student, mbs, loss_fn=loss_fn, forward_only=False)
+        run_schedule(student, mbs, loss=loss, forward_only=False)
         optimizer.step()
 
     attach(mbs, advantages=torch.randn(batch["mask"].shape, generator=torch.Generator().manual_seed(1)))

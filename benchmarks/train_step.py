@@ -174,7 +174,7 @@ def measure_train(cfg: ModelConfig, precision: PrecisionConfig, *, seq: int, mbs
                   steps: int, warmup: int) -> dict:
     from megatron_gndpo.models.student import build_optimizer, build_student
     from megatron_gndpo.ops.vocab_parallel import vocab_parallel_logprobs
-    from megatron_gndpo.trainer.megatron_glue import run_schedule
+    from megatron_gndpo.trainer.megatron_glue import TokenLoss, run_schedule
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches = _batches(cfg, microbatches, mbs, seq, device)
@@ -182,13 +182,13 @@ def measure_train(cfg: ModelConfig, precision: PrecisionConfig, *, seq: int, mbs
     model = build_student(cfg, ParallelConfig(), precision, pre_process=True, post_process=True)
     optimizer = build_optimizer(OptimConfig(lr=1e-5), precision, ParallelConfig(), model)
 
-    def loss_fn(logits, batch):
-        return -vocab_parallel_logprobs(logits, batch["targets"]).sum() / tokens_per_iter, {}
+    loss = TokenLoss(lambda logits, batch: {"lp": vocab_parallel_logprobs(logits, batch["targets"])},
+                     lambda tokens, batch: (-tokens["lp"].sum() / tokens_per_iter, {}))
 
     def train_iter():
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        run_schedule(model, batches, loss_fn=loss_fn, forward_only=False)
+        run_schedule(model, batches, loss=loss, forward_only=False)
         optimizer.step()
 
     seconds, peak = _timed(train_iter, steps=steps, warmup=warmup)

@@ -17,8 +17,8 @@ def model_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**STUDENT, **overrides})
 
 
-def parallel(tp: int, pp: int = 1) -> ParallelConfig:
-    return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+def parallel(tp: int, pp: int = 1, cp: int = 1) -> ParallelConfig:
+    return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp)
 
 
 def tokens(batch: int, seq: int, vocab: int = 1000, seed: int = 0) -> torch.Tensor:

@@ -47,12 +47,13 @@ def _destroy_subgroups() -> None:
             dist.destroy_process_group(group)
 
 
-def _run_task(fn, tp, pp, seed, args):
+def _run_task(fn, layout, seed, args):
     from megatron_gndpo.config.schema import ParallelConfig
     from megatron_gndpo.distributed.init import destroy_parallel, init_parallel
 
-    groups = init_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-                           seed=seed, timeout_s=120)
+    tp, pp, cp = layout
+    groups = init_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                          context_parallel_size=cp), seed=seed, timeout_s=120)
     out = fn(groups, *args)
     # the default group stays for the next call; a function that destroyed it (a trainer's close(),
     # the converter) gets a new one on the next call's port
@@ -74,7 +75,7 @@ def _worker(rank, world_size, tasks, results):
         task = tasks.get()
         if task is None:
             return
-        port, fn, tp, pp, seed, args = task
+        port, fn, layout, seed, args = task
         # what one call may change and the next must not see: the environment, the working directory,
         # torch's global defaults
         os.environ.clear()
@@ -84,20 +85,21 @@ def _worker(rank, world_size, tasks, results):
         torch.set_default_dtype(torch.float32)
         torch.set_grad_enabled(True)
         try:
-            results.put((rank, True, _run_task(fn, tp, pp, seed, args)))
+            results.put((rank, True, _run_task(fn, layout, seed, args)))
         except BaseException:  # noqa: BLE001 - the traceback goes back to the test
             results.put((rank, False, traceback.format_exc()))
             return
         gc.collect()
 
 
-def relayout(tp: int, pp: int = 1, seed: int = 1234):
+def relayout(tp: int, pp: int = 1, seed: int = 1234, cp: int = 1):
     """Inside a harness function: rebuild megatron's groups for another layout of the same world."""
     from megatron_gndpo.config.schema import ParallelConfig
     from megatron_gndpo.distributed.init import destroy_parallel, init_parallel
 
     destroy_parallel(destroy_process_group=False)
-    return init_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), seed=seed)
+    return init_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                        context_parallel_size=cp), seed=seed)
 
 
 @contextlib.contextmanager
@@ -133,17 +135,17 @@ class _World:
             for p in self.procs:
                 p.start()
 
-    def run(self, fn, tp, pp, seed, args, timeout_s) -> List[Any]:
+    def run(self, fn, layout, seed, args, timeout_s) -> List[Any]:
         port = free_port()
         for q in self.tasks:
-            q.put((port, fn, tp, pp, seed, tuple(args)))
+            q.put((port, fn, layout, seed, tuple(args)))
         out: dict = {}
         deadline = time.monotonic() + timeout_s
         while len(out) < self.world_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"{fn.__name__}: ranks {sorted(set(range(self.world_size)) - set(out))} "
-                                   f"did not finish within {timeout_s:.0f}s (tp={tp}, pp={pp})")
+                                   f"did not finish within {timeout_s:.0f}s (tp, pp, cp = {layout})")
             try:
                 rank, ok, payload = self.results.get(timeout=min(remaining, 1.0))
             except queue.Empty:
@@ -153,7 +155,7 @@ class _World:
                     raise RuntimeError(f"{fn.__name__}: rank {dead[0]} died with exit code {code}")
                 continue
             if not ok:
-                raise _RankFailed(f"{fn.__name__} failed on rank {rank} (tp={tp}, pp={pp}):\n{payload}")
+                raise _RankFailed(f"{fn.__name__} failed on rank {rank} (tp, pp, cp = {layout}):\n{payload}")
             out[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         return [out[r] for r in range(self.world_size)]
 
@@ -182,12 +184,13 @@ def run_distributed(
     *,
     tp: int = 1,
     pp: int = 1,
+    cp: int = 1,
     seed: int = 1234,
     args: Sequence[Any] = (),
     timeout_s: float = 150.0,
     gpus: bool = False,
 ) -> List[Any]:
-    """``fn(groups, *args)`` on ``world_size`` spawned ranks; returns the results by rank.
+    """``fn(groups, *args)`` on ``world_size`` spawned ranks of a TP x PP x CP layout; returns the results by rank.
 
     ``fn`` must be importable (module level). Any rank's exception fails the call with its traceback.
     Ranks run on CPU with gloo, in a pooled world, unless ``gpus`` (then a fresh world with one GPU per
@@ -198,7 +201,7 @@ def run_distributed(
         world = _POOL.pop(world_size, None) if not gpus else None
         world = world or _World(world_size, gpus)
         try:
-            out = world.run(fn, tp, pp, seed, args, timeout_s)
+            out = world.run(fn, (tp, pp, cp), seed, args, timeout_s)
         except _RankFailed as e:
             world.close()
             if retries and any(s in str(e) for s in _PORT_TAKEN):

@@ -204,8 +204,8 @@ class CheckpointManager:
 
     def __init__(self, root: str | os.PathLike, *, layout: Dict[str, int], ranks: Dict[str, int]):
         self.root = Path(root)
-        self.layout = layout  # {"tp", "pp", "dp"}
-        self.ranks = ranks  # this rank's {"tp", "pp", "dp"}
+        self.layout = layout  # {"tp", "pp", "dp"} and "cp" when context parallel
+        self.ranks = ranks  # this rank's position in it
 
     def latest(self) -> Optional[Path]:
         """The checkpoint ``latest`` names (None without one); an incomplete one is an error."""
@@ -253,9 +253,10 @@ class CheckpointManager:
     def _rng_object(self):
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-        # One object per (pp, tp) position; DP replicas hold copies (replica_id != 0 are not written).
+        # One object per (pp, tp) position; DP and CP replicas hold copies (replica_id != 0 are not written).
+        replica = self.ranks["dp"] * self.layout.get("cp", 1) + self.ranks.get("cp", 0)
         return ShardedObject("rng_state", _rng_state(), (self.layout["pp"], self.layout["tp"]),
-                             (self.ranks["pp"], self.ranks["tp"]), replica_id=self.ranks["dp"])
+                             (self.ranks["pp"], self.ranks["tp"]), replica_id=replica)
 
     def _state(self, model, optimizer, scheduler, *, loading: bool) -> Dict[str, Any]:
         model_sd = model.sharded_state_dict()

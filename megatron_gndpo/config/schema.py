@@ -109,6 +109,10 @@ class ParallelConfig:
     """TP: attention heads, MLP columns and the vocabulary are split over this many ranks."""
     pipeline_model_parallel_size: int = 1
     """PP: layers are split into this many stages, run with megatron-core's 1F1B schedule."""
+    context_parallel_size: int = 1
+    """CP: each micro-batch's sequence is split over this many ranks (megatron-core's load-balanced chunks;
+    docs/context_parallel.md); they hold the same rows, like TP ranks. Attention through Transformer Engine,
+    or on the local spec through the project's SDPA attention (K / V all-gathered)."""
     sequence_parallel: bool = False
     """Shard activations along the sequence in the TP regions (needs TP > 1)."""
     use_distributed_optimizer: bool = False
@@ -119,6 +123,8 @@ class ParallelConfig:
                f"parallel.tensor_model_parallel_size must be >= 1, got {self.tensor_model_parallel_size}")
         _check(self.pipeline_model_parallel_size >= 1,
                f"parallel.pipeline_model_parallel_size must be >= 1, got {self.pipeline_model_parallel_size}")
+        _check(self.context_parallel_size >= 1,
+               f"parallel.context_parallel_size must be >= 1, got {self.context_parallel_size}")
         _check(not (self.sequence_parallel and self.tensor_model_parallel_size == 1),
                "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
 
@@ -538,6 +544,7 @@ class RunConfig:
                 _check(not unsupported, f"data.images=process does not take {why} yet (docs/multimodal.md)")
         self._check_teacher_comparisons()
         self._check_teacher_layout()
+        self._check_context_parallel()
         # Teacher and student may differ in vocab_size and padding; that they share one tokenizer is
         # checked with the tokenizer files, at Trainer init (check_same_vocabulary, check_checkpoint_tokenizers).
 
@@ -571,6 +578,26 @@ class RunConfig:
                 (bool(self.teacher.quantize), "teacher.quantize (ModelOpt calibrates on the student's micro-batches)"),
                 (self.data.images == "process", "data.images=process (images are not sent to the teacher's ranks)")):
             _check(not unsupported, f"teacher.parallel (a layout other than the student's) does not take {why}")
+
+    def _check_context_parallel(self) -> None:
+        """What context parallelism does not do yet (docs/context_parallel.md): everything that needs the
+        sequence of a micro-batch other than as whole rows cut in megatron's chunks."""
+        cp = self.parallel.context_parallel_size
+        if cp == 1:
+            return
+        for role, precision in (("precision", self.precision), ("teacher.precision", self.teacher.precision)):
+            _check(not (precision.transformer_impl != "transformer_engine" and precision.local_attention == "megatron"),
+                   f"parallel.context_parallel_size={cp} needs Transformer Engine's or the project's SDPA attention, "
+                   f"but {role}.local_attention='megatron' (megatron-core's DotProductAttention has no context "
+                   f"parallelism); set {role}.local_attention='sdpa'")
+        for unsupported, why in (
+                (self.trainer.pack_sequences, "trainer.pack_sequences (packed rows would need each sequence split "
+                 "in chunks of its own); trainer.max_tokens_per_microbatch still applies"),
+                (self.data.images == "process", "data.images=process (image embeddings would have to be split "
+                 "with the sequence)"),
+                (self.teacher_on_own_layout, "teacher.parallel (a layout other than the student's)"),
+                (bool(self.teacher.quantize), "teacher.quantize (ModelOpt calibrates whole sequences)")):
+            _check(not unsupported, f"parallel.context_parallel_size={cp} does not take {why} yet")
 
     def _check_packing(self) -> None:
         """What token budgets and packed rows need: one response fits a micro-batch's budget, and packing

@@ -70,7 +70,7 @@ class _CpuCuda(types.ModuleType):
 
 
 class _CpuTorch(types.ModuleType):
-    """``torch`` as seen by a patched module: tensor factories map CUDA devices to the CPU."""
+    """``torch`` as seen by a patched module: tensor factories map CUDA devices to the CPU (and pin nothing)."""
 
     def __init__(self):
         super().__init__("torch")
@@ -83,7 +83,8 @@ class _CpuTorch(types.ModuleType):
 
     @staticmethod
     def _factory(fn):
-        def wrapped(*args, device=None, **kwargs):
+        # pin_memory stages host-to-GPU copies; without an accelerator torch refuses it, and there is no copy
+        def wrapped(*args, device=None, pin_memory=False, **kwargs):
             return fn(*args, device=_cpu_device(device), **kwargs)
 
         wrapped.__name__ = fn.__name__
@@ -144,6 +145,8 @@ class CpuRNGStatesTracker:
 _PATCHED_MODULES = (
     # rotary inv_freq / seq tensors on torch.cuda.current_device()
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    # context parallelism: this rank's chunk indices built in pinned memory, then moved with .cuda()
+    "megatron.core.models.common.embeddings.rope_utils",
     # ColumnParallel/RowParallel weights and all-gather buffers on the current CUDA device
     "megatron.core.tensor_parallel.layers",
     "megatron.core.tensor_parallel.mappings",

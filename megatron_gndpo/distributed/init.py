@@ -31,9 +31,11 @@ class ProcessGroups:
     pp: ProcessGroup
     """Pipeline group: p2p activations between stages."""
     dp: ProcessGroup
-    """Data-parallel group: gradient all-reduce, global GNDPO statistics, metric reduction."""
-    dp_cp: ProcessGroup
-    """Data x context parallel: the group over which the global token statistics are all-reduced."""
+    """Data-parallel group: the replicas, which hold different rows; global GNDPO statistics and metrics
+    reduce over it (megatron's DDP reduces the gradients over data x context parallelism itself)."""
+    cp: ProcessGroup
+    """Context-parallel group: ranks that hold the same rows, each a share of every micro-batch's sequence
+    inside the model (``distributed/context_parallel.py``)."""
     mp: ProcessGroup
     """Model-parallel (TP x PP) group: grad-norm reduction."""
     device: torch.device
@@ -61,6 +63,20 @@ class ProcessGroups:
     @property
     def pp_rank(self) -> int:
         return dist.get_rank(self.pp)
+
+    @property
+    def cp_size(self) -> int:
+        return dist.get_world_size(self.cp)
+
+    @property
+    def cp_rank(self) -> int:
+        return dist.get_rank(self.cp)
+
+    @property
+    def writes_rows(self) -> bool:
+        """Whether this rank writes its replica's rows (dumps): of the ranks that hold the same rows and
+        outputs (TP and CP ranks of the last stage), the first."""
+        return self.is_last_stage and self.tp_rank == 0 and self.cp_rank == 0
 
     @property
     def dp_size(self) -> int:
@@ -110,10 +126,11 @@ def init_parallel(
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     world = int(os.environ["WORLD_SIZE"])
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    if world % (tp * pp) != 0:
+    cp = parallel.context_parallel_size
+    if world % (tp * pp * cp) != 0:
         raise ValueError(
             f"world size {world} is not divisible by tensor_model_parallel_size ({tp}) x "
-            f"pipeline_model_parallel_size ({pp})"
+            f"pipeline_model_parallel_size ({pp}) x context_parallel_size ({cp})"
         )
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -128,13 +145,14 @@ def init_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
     )
     seed_everything(seed, tensor_parallel)
     return ProcessGroups(
         tp=parallel_state.get_tensor_model_parallel_group(),
         pp=parallel_state.get_pipeline_model_parallel_group(),
         dp=parallel_state.get_data_parallel_group(),
-        dp_cp=parallel_state.get_data_parallel_group(with_context_parallel=True),
+        cp=parallel_state.get_context_parallel_group(),
         mp=parallel_state.get_model_parallel_group(),
         device=device,
     )
@@ -148,7 +166,7 @@ def layout_groups(parallel: ParallelConfig, device: torch.device) -> ProcessGrou
     the student's. ``.megatron`` holds them as the ``ProcessGroupCollection`` that the model's modules and
     the pipeline schedule are given.
 
-    Context parallelism is 1 (the project does not wire it yet): the CP group, which megatron's rotary
+    Context parallelism is 1 (``RunConfig`` refuses a teacher layout with CP): the CP group, which megatron's rotary
     embedding and schedules read the size of, is ``parallel_state``'s, the group of this rank alone, the
     same for every layout. ``embd`` joins the first and last stage of each pipeline (tied embeddings are
     made equal over it at construction); ``pos_embd`` is None (RoPE has no position embedding)."""
@@ -173,7 +191,7 @@ def layout_groups(parallel: ParallelConfig, device: torch.device) -> ProcessGrou
     # with CP 1, DP x CP is DP and TP x CP is TP
     collection = ProcessGroupCollection(tp=groups["tp"], pp=groups["pp"], mp=groups["mp"], dp=groups["dp"],
                                         dp_cp=groups["dp"], cp=cp, tp_cp=groups["tp"], embd=embd, pos_embd=None)
-    return ProcessGroups(tp=groups["tp"], pp=groups["pp"], dp=groups["dp"], dp_cp=groups["dp"], mp=groups["mp"],
+    return ProcessGroups(tp=groups["tp"], pp=groups["pp"], dp=groups["dp"], cp=cp, mp=groups["mp"],
                          device=device, megatron=collection)
 
 

@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from megatron_gndpo.distributed.collectives import group_rank, group_size
+from megatron_gndpo.distributed.context_parallel import gathered_positions, local_positions
+
 if TYPE_CHECKING:
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -65,7 +68,13 @@ class SDPAttention(torch.nn.Module):
     ``baddbmm``; the product is 1, and SDPA accumulates in fp32 anyway, so neither it nor
     ``attention_softmax_in_fp32`` changes what is computed here.
 
-    Refused, by an error that names the setting: context parallelism, sliding-window attention, softmax offsets
+    Context parallelism (``cp_group`` of more than one rank; ``distributed/context_parallel.py``): the queries
+    are this rank's positions of the sequence, chunks r and 2 CP - 1 - r; K and V are all-gathered over the
+    CP group (Transformer Engine's ``all_gather`` scheme; the gather's backward sums every rank's gradient
+    of each rank's K / V) and the causal mask is taken on global positions, ``pos(j) <= pos(i)``. Whole
+    sequences only: a KV-cached step runs with CP switched off (``cp_group`` None), an explicit mask is refused.
+
+    Refused, by an error that names the setting: sliding-window attention, softmax offsets
     (attention sinks), mask types other than causal / padding / no_mask, attention dropout while training (megatron
     draws it from the tensor-parallel RNG tracker; SDPA's kernels draw their own), ``attention_bias`` and
     packed sequences (``packed_seq_params``, THD).
@@ -91,9 +100,6 @@ class SDPAttention(torch.nn.Module):
         from megatron.core.utils import divide
 
         super().__init__()
-        if config.context_parallel_size != 1:
-            raise ValueError(f"SDPAttention does not support context parallelism "
-                             f"(context_parallel_size={config.context_parallel_size}); use Transformer Engine")
         if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
             raise ValueError(f"SDPAttention does not support sliding-window attention (window_size="
                              f"{config.window_size} in layer {layer_number})")
@@ -104,7 +110,12 @@ class SDPAttention(torch.nn.Module):
         self.attn_mask_type = attn_mask_type
 
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        if pg_collection.cp.size() != config.context_parallel_size:
+            raise ValueError(f"SDPAttention configured for context_parallel_size={config.context_parallel_size} "
+                             f"was given a context-parallel group of {pg_collection.cp.size()} ranks")
+        # None when there is nothing to exchange; context_parallel_off sets it to None for decoding
+        self.cp_group = pg_collection.cp if pg_collection.cp.size() > 1 else None
         # This rank's np * hn, as DotProductAttention counts it: the output view then fails loudly on
         # inputs with another number of heads.
         self.hidden_size_per_partition = divide(config.kv_channels * config.num_attention_heads,
@@ -133,21 +144,11 @@ class SDPAttention(torch.nn.Module):
         if attn_mask_type is not None:
             _check_mask_type(attn_mask_type)
         sq, b = query.shape[:2]
+        if self.cp_group is not None:
+            key, value, keep, is_causal = self._gather_context(key, value, attention_mask)
+        else:
+            keep, is_causal = self._mask(sq, key.size(0), attention_mask, query.device)
         sk = key.size(0)
-        keep, is_causal = None, False
-        if attention_mask is not None:
-            if attention_mask.dtype != torch.bool:
-                raise TypeError(f"attention_mask must be boolean (True = masked), got {attention_mask.dtype}")
-            keep = ~attention_mask
-            keep = keep | ~keep.any(dim=-1, keepdim=True)
-        elif self.attn_mask_type.name == "causal":
-            if sq > sk:
-                raise ValueError(f"causal attention with more queries ({sq}) than keys ({sk})")
-            if sq == sk:
-                is_causal = sq > 1
-            elif sq > 1:
-                # SDPA's is_causal aligns the triangle top-left; the queries here are the last sq positions.
-                keep = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(diagonal=sk - sq)
         # [s, b, heads, hn] -> [b, heads, s, hn]: views, SDPA only needs the head dimension contiguous.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         with sdpa_kernel(_KV_CACHED_BACKENDS) if sq < sk else contextlib.nullcontext():
@@ -159,6 +160,40 @@ class SDPAttention(torch.nn.Module):
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
+    def _mask(self, sq: int, sk: int, attention_mask: torch.Tensor | None,
+              device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """SDPA's ``attn_mask`` (True = keep) and ``is_causal`` for ``sq`` queries and ``sk`` keys."""
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool:
+                raise TypeError(f"attention_mask must be boolean (True = masked), got {attention_mask.dtype}")
+            keep = ~attention_mask
+            return keep | ~keep.any(dim=-1, keepdim=True), False
+        if self.attn_mask_type.name != "causal":
+            return None, False
+        if sq > sk:
+            raise ValueError(f"causal attention with more queries ({sq}) than keys ({sk})")
+        if sq == sk:
+            return None, sq > 1
+        if sq == 1:
+            return None, False
+        # SDPA's is_causal aligns the triangle top-left; the queries here are the last sq positions.
+        return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq), False
+
+    def _gather_context(self, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None):
+        """Context parallelism: every CP rank's K and V (rank order, ``[T, b, ng, hn]``) and the mask of this
+        rank's queries over them, causal on global positions (``distributed/context_parallel.py``)."""
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        if attention_mask is not None:
+            raise NotImplementedError("SDPAttention does not take an explicit attention_mask with context "
+                                      "parallelism (packed sequences)")
+        n, length = group_size(self.cp_group), key.size(0) * group_size(self.cp_group)
+        key, value = (gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=True, group=self.cp_group)
+                      for t in (key, value))
+        if self.attn_mask_type.name != "causal":
+            return key, value, None, False
+        queries = local_positions(length, n, group_rank(self.cp_group), key.device)
+        return key, value, gathered_positions(length, n, key.device)[None, :] <= queries[:, None], False
 
 def _check_mask_type(attn_mask_type: AttnMaskType) -> None:
     if attn_mask_type.name not in _MASK_TYPES:

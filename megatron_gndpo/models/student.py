@@ -18,7 +18,7 @@ from megatron_gndpo.models.vlm import load_vlm_checkpoint
 from megatron_gndpo.trainer.megatron_glue import (
     CollectFn,
     LogitsReadout,
-    LossFn,
+    TokenLoss,
     forward_logprobs,
     forward_outputs,
     run_schedule,
@@ -147,19 +147,19 @@ class Student:
 
         return forward_outputs(self.module, microbatches, collect)
 
-    def update(self, minibatch: List[MicroBatch], loss_fn: LossFn) -> Dict[str, float]:
+    def update(self, minibatch: List[MicroBatch], loss: TokenLoss) -> Dict[str, float]:
         """One optimizer step on ``minibatch``: forward / backward of its micro-batches through megatron's
-        schedule with ``loss_fn`` (each micro-batch's share of the loss, already divided by the step's
+        schedule with ``loss`` (each micro-batch's share of the loss, already divided by the step's
         global normaliser, and its metrics), then clip, optimizer and LR-schedule step; unless a gradient
         is non-finite on any rank: then the step is skipped (and counted) and training goes on.
 
-        Returns ``actor/lr`` (the LR this step uses), ``actor/grad_norm`` and the sums of ``loss_fn``'s
+        Returns ``actor/lr`` (the LR this step uses), ``actor/grad_norm`` and the sums of ``loss``'s
         metrics over micro-batches and data-parallel ranks (last stage)."""
         g = self.groups
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.model.train()
-        out = run_schedule(self.model, minibatch, loss_fn=loss_fn, forward_only=False)
+        out = run_schedule(self.model, minibatch, loss=loss, forward_only=False)
 
         metrics: Dict[str, float] = {"actor/lr": self.optimizer.param_groups[0]["lr"]}
         if self._gradients_finite():
@@ -172,7 +172,7 @@ class Student:
             metrics["actor/grad_norm"] = float("nan")
         if g.is_last_stage:
             keys = sorted(out[0])
-            sums = all_reduce(torch.stack([sum(o[k].double() for o in out) for k in keys]), dist.ReduceOp.SUM, g.dp_cp)
+            sums = all_reduce(torch.stack([sum(o[k].double() for o in out) for k in keys]), dist.ReduceOp.SUM, g.dp)
             metrics.update(zip(keys, sums.tolist()))
         return metrics
 

@@ -109,7 +109,7 @@ class Teacher:
                                        pg_collection=own_groups, **stage)
             if cfg.checkpoint:
                 load_model_weights(self.model, cfg.checkpoint, cfg.model, role,
-                                   dp_cp_group=None if own_groups is None else groups.dp_cp)
+                                   dp_cp_group=None if own_groups is None else groups.dp)
         if not cfg.checkpoint and role == "teacher":
             log0.info("teacher.checkpoint is not set: the teacher has random weights (tests only)")
         self.offloaded: Optional[OffloadedWeights] = None  # quantisation scores with the weights on the device
@@ -164,7 +164,7 @@ class Teacher:
         if not self.groups.is_last_stage:
             return {}
         mask = torch.cat([mb["mask"] for mb in held_out])
-        error = logprob_error(reference, quantized, mask, self.groups.dp_cp)
+        error = logprob_error(reference, quantized, mask, self.groups.dp)
         log_last.info("teacher quantised with ModelOpt (%s): |log-prob error| mean %.3g, max %.3g over %d held-out "
                       "prompt tokens", method, error["abs_mean"], error["abs_max"], error["tokens"])
         return {f"teacher_quant/logprob_{k}": v for k, v in error.items()}

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
     for flag in ("tp", "pp"):
         parser.add_argument(f"--{flag}", type=int, default=None, help=f"fix {flag.upper()} (default: try every one)")
-    parser.add_argument("--cp", type=int, default=1, help="context-parallel size (the trainer has none yet)")
+    parser.add_argument("--cp", type=int, default=None, help="context-parallel size (default: the --config's, else 1)")
     parser.add_argument("--prompts-per-step", type=int, default=None)
     parser.add_argument("--samples", type=int, default=None, help="responses per prompt")
     parser.add_argument("--max-prompt", type=int, default=None, help="prompt tokens per row")
@@ -56,7 +56,8 @@ def _from_config(path: str) -> tuple:
     from megatron_gndpo.config.loader import load_config
 
     cfg = load_config(path)
-    parallel = {"tp": cfg.parallel.tensor_model_parallel_size, "pp": cfg.parallel.pipeline_model_parallel_size}
+    parallel = {"tp": cfg.parallel.tensor_model_parallel_size, "pp": cfg.parallel.pipeline_model_parallel_size,
+                "cp": cfg.parallel.context_parallel_size}
     return cfg.model, cfg.teacher.model, dataclasses.asdict(workload_from_config(cfg)), parallel
 
 
@@ -64,10 +65,11 @@ def build_plan(args: argparse.Namespace) -> Dict[str, Any]:
     """The plan ``args`` ask for (raises ValueError / OSError naming what is wrong)."""
     student = teacher = None
     fields: Dict[str, Any] = {}
-    tp, pp = args.tp, args.pp
+    tp, pp, cp = args.tp, args.pp, args.cp
     if args.config:
         student, teacher, fields, parallel = _from_config(args.config)
-        tp, pp = tp or parallel["tp"], pp or parallel["pp"]
+        tp, pp, cp = tp or parallel["tp"], pp or parallel["pp"], cp or parallel["cp"]
+    cp = cp or 1
     student = read_architecture(args.student) if args.student else student
     teacher = read_architecture(args.teacher) if args.teacher else teacher
     if student is None or teacher is None:
@@ -76,9 +78,9 @@ def build_plan(args: argparse.Namespace) -> Dict[str, Any]:
                    if getattr(args, flag) is not None})
     fields["recompute"] = args.recompute or fields.get("recompute", False)
     work = Workload(**fields)
-    layouts = candidate_layouts(args.gpus, tp, pp, args.cp)
+    layouts = candidate_layouts(args.gpus, tp, pp, cp)
     if not layouts:
-        raise ValueError(f"{args.gpus} GPUs do not split into TP {tp or '*'} x PP {pp or '*'} x CP {args.cp} x DP")
+        raise ValueError(f"{args.gpus} GPUs do not split into TP {tp or '*'} x PP {pp or '*'} x CP {cp} x DP")
     gpu, calibration = GPUS[args.gpu], Calibration()
     ranked = rank([evaluate(student, teacher, layout, work, gpu, calibration) for layout in layouts])
     return plan_dict(student, teacher, gpu, work, calibration, ranked)

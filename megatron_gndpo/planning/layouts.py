@@ -1,7 +1,8 @@
 """The candidate layouts of a number of GPUs, why a layout cannot run, and the ranking of those that can:
 fastest step first (highest tokens/s per GPU), ties to the smaller TP x PP (less communication to go
 wrong). A layout is rejected when megatron would refuse it (divisibility), when this stack cannot run
-it (context parallelism, TP across nodes), or when its peak memory exceeds the GPU's."""
+it (TP across nodes, context parallelism beside a teacher on its own layout), or when its peak memory exceeds
+the GPU's."""
 
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ def layout_problems(student: ModelConfig, teacher: ModelConfig, layout: Layout, 
                     gpu: GPU) -> List[str]:
     """Why this stack cannot run ``layout`` at all, before any estimate ([] when it can)."""
     problems = []
-    if layout.cp > 1:
-        problems.append("context parallelism: the trainer has none (parallel.* has no CP size)")
+    if layout.cp > 1 and work.teacher_layout(layout) != layout:
+        problems.append("context parallelism with the teacher on its own layout (teacher.parallel) is not built")
     if layout.tp > gpu.gpus_per_node:
         problems.append(f"TP {layout.tp} spans nodes ({gpu.gpus_per_node} GPUs each): its all-reduces per layer "
                         "would cross the network")

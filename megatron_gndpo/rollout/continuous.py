@@ -50,6 +50,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.transformer.attention import Attention
 from megatron.core.transformer.enums import AttnMaskType
 
+from megatron_gndpo.distributed.context_parallel import context_parallel_off
 from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.models.attention import SDPAttention
 from megatron_gndpo.ops.vocab_parallel import vocab_parallel_logprobs
@@ -223,7 +224,7 @@ def generate_continuous(
     model.eval()
     context = SlotInferenceContext(n_slots, total)
     try:
-        with fp8_off(model), _slot_attention(model):
+        with fp8_off(model), context_parallel_off(model), _slot_attention(model):
             while True:
                 admitted = scheduler.admit([s for s in range(n_slots) if slot_row[s] < 0])
                 for slot, row in admitted:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_gndpo.data.vision import ImageInputs
+from megatron_gndpo.distributed.context_parallel import context_parallel_off
 from megatron_gndpo.distributed.init import ProcessGroups
 from megatron_gndpo.models.vlm import VisionLanguageModel
 from megatron_gndpo.ops.vocab_parallel import vocab_parallel_logprobs
@@ -277,7 +278,7 @@ def generate(
         prompt_images = _PromptImages(vlm, tokens, plen, images) \
             if images is not None and groups.is_first_stage else None
         mrope = rope_positions(vlm, tokens, images)
-        with fp8_off(model):
+        with fp8_off(model), context_parallel_off(model):  # CP ranks each decode their replica's rows
             while cur < total and not bool(done.all()):
                 chunk = tokens[:, prev:cur]
                 # M-RoPE: megatron computes the rotary embedding of the positions it is given and the KV-cached

@@ -15,10 +15,12 @@ from megatron_gndpo.planning.workload import Layout, workload_from_config
 
 
 def plan_cell(cfg: RunConfig, dp: int, gpu: str) -> Dict[str, Any]:
-    """The plan of ``cfg`` at TP x PP (from its config) x ``dp`` on ``gpu``: one candidate layout."""
+    """The plan of ``cfg`` at TP x PP x CP (from its config) x ``dp`` on ``gpu``: one candidate layout."""
     if gpu not in GPUS:
         raise ValueError(f"plan.gpu must be one of {sorted(GPUS)}, got {gpu!r}")
-    layout = Layout(tp=cfg.parallel.tensor_model_parallel_size, pp=cfg.parallel.pipeline_model_parallel_size, dp=dp)
+    par = cfg.parallel
+    layout = Layout(tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size,
+                    cp=par.context_parallel_size, dp=dp)
     work, calibration = workload_from_config(cfg), Calibration()
     candidate = evaluate(cfg.model, cfg.teacher.model, layout, work, GPUS[gpu], calibration)
     return plan_dict(cfg.model, cfg.teacher.model, GPUS[gpu], work, calibration, [candidate])

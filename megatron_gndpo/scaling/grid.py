@@ -79,8 +79,12 @@ class Cell:
         return self.config.parallel.pipeline_model_parallel_size
 
     @property
+    def cp(self) -> int:
+        return self.config.parallel.context_parallel_size
+
+    @property
     def gpus(self) -> int:
-        return self.tp * self.pp * self.launch.dp
+        return self.tp * self.pp * self.cp * self.launch.dp
 
 
 @dataclass

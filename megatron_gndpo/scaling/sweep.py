@@ -71,7 +71,7 @@ def check_earlier(out: Path, cells: List[Cell]) -> None:
 
 def _record(grid: Grid, cell: Cell) -> Dict[str, Any]:
     record: Dict[str, Any] = {"name": cell.name, "grid": grid.name, "labels": cell.labels, "settings": cell.settings,
-                              "launch": {"kind": cell.launch.kind, "tp": cell.tp, "pp": cell.pp,
+                              "launch": {"kind": cell.launch.kind, "tp": cell.tp, "pp": cell.pp, "cp": cell.cp,
                                          "dp": cell.launch.dp, **launch.geometry(cell)}}
     if grid.plan.gpu:
         try:

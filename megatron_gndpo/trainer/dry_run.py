@@ -24,8 +24,8 @@ def memory_per_rank(cfg: RunConfig, world_size: int) -> Dict[str, float]:
     configured layout: every phase's parts, each phase fitting in turn. Allocator slack, communication
     buffers and the CUDA context are not counted."""
     par = cfg.parallel
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    layout = Layout(tp=tp, pp=pp, dp=max(world_size // (tp * pp), 1))
+    tp, pp, cp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
+    layout = Layout(tp=tp, pp=pp, cp=cp, dp=max(world_size // (tp * pp * cp), 1))
     estimate = estimate_memory(cfg.model, cfg.teacher.model, layout, workload_from_config(cfg), GPUS["h100"])
     return {name: size for name, size in estimate.parts.items() if size}
 
@@ -34,14 +34,14 @@ def describe_run(cfg: RunConfig, world_size: int) -> str:
     """The text ``--print-config`` prints: the resolved config as YAML, then the layout, the
     parameter counts and the memory estimate as comments."""
     par = cfg.parallel
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    tp, pp, cp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
     lines = [yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False).rstrip(), ""]
-    if world_size % (tp * pp):
-        lines.append(f"# layout: world size {world_size} is not divisible by TP {tp} x PP {pp}: this run would not "
-                     "start")
+    if world_size % (tp * pp * cp):
+        lines.append(f"# layout: world size {world_size} is not divisible by TP {tp} x PP {pp} x CP {cp}: this run "
+                     "would not start")
         return "\n".join(lines)
-    dp = world_size // (tp * pp)
-    lines.append(f"# layout: world {world_size} = TP {tp} x PP {pp} x DP {dp}; "
+    dp = world_size // (tp * pp * cp)
+    lines.append(f"# layout: world {world_size} = TP {tp} x PP {pp} x CP {cp} x DP {dp}; "
                  f"{cfg.trainer.prompts_per_step * cfg.rollout.n_samples // dp} responses per DP rank per step")
     if cfg.teacher_on_own_layout:
         t = cfg.teacher_parallel

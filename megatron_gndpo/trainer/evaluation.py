@@ -64,12 +64,12 @@ def greedy_eval(model, dataset, tokenizer, reward_fn, sampling: SamplingParams, 
                                        {k: [s[k] for s in scored] for k in REWARD_KEYS},
                                        data_source=[r.data_source for r in rows],
                                        ground_truth=[r.ground_truth for r in rows])
-    sums = all_reduce(sums, dist.ReduceOp.SUM, groups.dp_cp).tolist()
+    sums = all_reduce(sums, dist.ReduceOp.SUM, groups.dp).tolist()
     metrics = {"val/reward": sums[0][1] / sums[0][0], "val/acc": sums[0][2] / sums[0][0]}
     for source, (count, reward, acc) in zip(sources, sums[1:]):
         metrics.update({f"val/{source}/reward": reward / count, f"val/{source}/acc": acc / count})
-    if dump_to is not None and groups.tp_rank == 0 and groups.is_last_stage:
-        write_gathered(dump_to, records, groups.dp_cp)
+    if dump_to is not None and groups.writes_rows:
+        write_gathered(dump_to, records, groups.dp)
     return metrics
 
 

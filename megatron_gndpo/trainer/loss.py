@@ -15,7 +15,7 @@ from megatron_gndpo.algorithms.reduce import aggregate, global_normalizer
 from megatron_gndpo.config.schema import AlgorithmConfig
 from megatron_gndpo.trainer.batches import stack_rows
 from megatron_gndpo.trainer.distill import TeacherComparison
-from megatron_gndpo.trainer.megatron_glue import LogitsReadout, LossFn
+from megatron_gndpo.trainer.megatron_glue import LogitsReadout, TokenLoss
 
 MicroBatch = Dict[str, torch.Tensor]
 
@@ -33,33 +33,38 @@ class UpdateLoss:
         self.algorithm, self.policy_loss, self.readout, self.dp_group = algorithm, policy_loss, readout, dp_group
         self.comparison = comparison
 
-    def for_minibatch(self, minibatch: List[MicroBatch]) -> LossFn:
-        """Collective over the data-parallel group: the normalisers of ``minibatch``, then its loss function."""
+    def for_minibatch(self, minibatch: List[MicroBatch]) -> TokenLoss:
+        """Collective over the data-parallel group: the normalisers of ``minibatch``, then its loss: read off
+        the logits per token (the student's log-probs, the per-token divergence over the distributions,
+        the entropy), then reduced with the rows' advantages, old log-probs and mask."""
         alg = self.algorithm
         mask = stack_rows([mb["mask"] for mb in minibatch])
         normalizer = global_normalizer(mask, alg.loss_agg, self.dp_group)
         n_tokens = global_normalizer(mask, "token-mean", self.dp_group)
 
-        def loss_fn(logits_shard: torch.Tensor, mb: MicroBatch):
-            logprobs = self.readout.logprobs(logits_shard, mb["labels"])
+        def read(logits_shard: torch.Tensor, mb: MicroBatch) -> Dict[str, torch.Tensor]:
+            tokens = {"logprobs": self.readout.logprobs(logits_shard, mb["labels"])}
+            if alg.divergence.kind and alg.divergence.kind not in SAMPLED_DIVERGENCES:
+                tokens["divergence"] = self.comparison.divergence(logits_shard, mb, alg.divergence.kind,
+                                                                  alg.divergence.beta)
+            with torch.no_grad():
+                tokens["entropy"] = self.readout.entropy(logits_shard.detach())
+            return tokens
+
+        def reduce(tokens: Dict[str, torch.Tensor], mb: MicroBatch):
+            logprobs = tokens["logprobs"]
             policy, metrics = self.policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"],
                                                normalizer=normalizer, agg=alg.loss_agg, clip_low=alg.clip_low,
                                                clip_high=alg.clip_high)
             terms = {"policy_loss": policy}
             if alg.divergence.kind:
-                terms["divergence"] = divergence_loss(self._divergence(logprobs, logits_shard, mb), mb["mask"],
-                                                      weight=alg.divergence.weight, normalizer=normalizer,
-                                                      agg=alg.loss_agg)
-            with torch.no_grad():
-                metrics["entropy"] = aggregate(self.readout.entropy(logits_shard.detach()), mb["mask"], "token-mean",
-                                               n_tokens)
+                per_token = tokens.get("divergence")
+                if per_token is None:  # from the sampled token's log-probs (k1-k3)
+                    per_token = SAMPLED_DIVERGENCES[alg.divergence.kind](logprobs, mb["teacher_logprobs"])
+                terms["divergence"] = divergence_loss(per_token, mb["mask"], weight=alg.divergence.weight,
+                                                      normalizer=normalizer, agg=alg.loss_agg)
+            metrics["entropy"] = aggregate(tokens["entropy"], mb["mask"], "token-mean", n_tokens)
             metrics.update({name: term.detach() for name, term in terms.items()})
             return sum(terms.values()), {f"actor/{k}": v for k, v in metrics.items()}
 
-        return loss_fn
-
-    def _divergence(self, logprobs: torch.Tensor, logits_shard: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-        div = self.algorithm.divergence
-        if div.kind in SAMPLED_DIVERGENCES:
-            return SAMPLED_DIVERGENCES[div.kind](logprobs, mb["teacher_logprobs"])
-        return self.comparison.divergence(logits_shard, mb, div.kind, div.beta)
+        return TokenLoss(read, reduce)

@@ -20,6 +20,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch.distributed import ProcessGroup
 
+from megatron_gndpo.distributed.context_parallel import gather_tokens, local_view
 from megatron_gndpo.ops.vocab_parallel import (
     fused_linear_logprobs,
     vocab_parallel_entropy,
@@ -28,10 +29,22 @@ from megatron_gndpo.ops.vocab_parallel import (
 from megatron_gndpo.trainer.batches import gather_rows
 from megatron_gndpo.trainer.images import IMAGE_KEYS
 
-# (logits_shard [b, T, V/tp], micro-batch) -> (scalar loss, metrics)
-LossFn = Callable[[torch.Tensor, Dict[str, torch.Tensor]], "tuple[torch.Tensor, Dict[str, torch.Tensor]]"]
-# (logits_shard [b, T, V/tp], micro-batch) -> tensors to keep, each [b, ...]
+# (logits_shard [b, T, V/tp], micro-batch) -> tensors to keep, each [b, T, ...]
 CollectFn = Callable[[torch.Tensor, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
+# (per-token tensors [b, T, ...], micro-batch) -> (scalar loss, metrics)
+ReduceFn = Callable[[Dict[str, torch.Tensor], Dict[str, torch.Tensor]], "tuple[torch.Tensor, Dict[str, torch.Tensor]]"]
+
+
+@dataclass(frozen=True)
+class TokenLoss:
+    """A micro-batch's loss in two parts: ``read`` takes what the loss needs per token off the logits shard
+    (log-probs, divergences, entropies: ``[b, T, ...]``, differentiable), ``reduce`` turns those tensors and
+    the micro-batch into the scalar loss and its metrics. Split so that context parallelism sits between
+    them: the model and ``read`` see this rank's positions of the sequence, ``reduce`` whole rows (what
+    ``read`` returned, gathered over CP; ``distributed/context_parallel.py``)."""
+
+    read: CollectFn
+    reduce: ReduceFn
 
 
 @dataclass(frozen=True)
@@ -130,7 +143,7 @@ def run_schedule(
     model,
     microbatches: Sequence[Dict[str, torch.Tensor]],
     *,
-    loss_fn: Optional[LossFn] = None,
+    loss: Optional[TokenLoss] = None,
     collect_fn: Optional[CollectFn] = None,
     forward_only: bool,
     pg_collection=None,
@@ -138,14 +151,18 @@ def run_schedule(
     """Run ``microbatches`` (each ``tokens``/``position_ids`` ``[b, T]`` plus loss inputs; shapes may
     differ between micro-batches) through megatron's schedule for this pipeline layout.
 
-    Training: ``loss_fn`` gives a scalar already divided by the step's global normaliser; returns its
+    Training: ``loss`` gives a scalar already divided by the step's global normaliser; returns its
     metrics per micro-batch on the last stage ([] elsewhere). Scoring: ``collect_fn`` turns the
     logits of a micro-batch into tensors to keep (e.g. token log-probs); returned likewise.
+
+    With context parallelism the model runs this rank's positions of each micro-batch (``local_view``) and
+    what ``loss.read`` or ``collect_fn`` reads off its logits comes back as whole rows (``gather_tokens``).
 
     ``pg_collection``: the groups ``model`` was built on when they are not ``parallel_state``'s (a teacher
     on its own layout): the schedule and its pipeline p2p run over them (megatron-core takes them as
     ``pg_collection`` and a ``P2PCommunicator``); None: ``parallel_state``'s, the student's.
     """
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
     from megatron.core.utils import get_model_config
@@ -154,19 +171,21 @@ def run_schedule(
         raise ValueError("run_schedule needs at least one micro-batch")
     shapes = {tuple(mb["tokens"].shape) for mb in microbatches}
     config = get_model_config(model)
+    cp = pg_collection.cp if pg_collection is not None else parallel_state.get_context_parallel_group()
     # Micro-batches of different shapes (token-budget or packed) need megatron's pipeline to send each
     # activation's shape before it (one more small p2p message per send); alike ones keep the fixed shape.
     variable = config.variable_seq_lengths
 
     def forward_step(data_iterator: Iterable, model_chunk):
         batch = next(data_iterator)
-        output = model_forward(model_chunk, batch)
+        local = local_view(batch, cp)
+        output = model_forward(model_chunk, local)
 
         def finish(logits_shard: torch.Tensor):
-            if loss_fn is not None:
-                loss, metrics = loss_fn(logits_shard, batch)
-                return loss, loss.new_zeros((), dtype=torch.int), metrics
-            kept = collect_fn(logits_shard, batch)
+            if loss is not None:
+                value, metrics = loss.reduce(gather_tokens(loss.read(logits_shard, local), cp), batch)
+                return value, value.new_zeros((), dtype=torch.int), metrics
+            kept = gather_tokens(collect_fn(logits_shard, local), cp)
             # Scoring keeps tensors, not a loss: return a dummy loss so the schedule's bookkeeping holds.
             return logits_shard.new_zeros(()), logits_shard.new_zeros((), dtype=torch.int), kept
 
@@ -183,7 +202,7 @@ def run_schedule(
             data_iterator=iter(microbatches),
             model=[model],
             num_microbatches=len(microbatches),
-            seq_length=max(s[1] for s in shapes),
+            seq_length=max(s[1] for s in shapes),  # whole sequences: megatron divides by the CP size
             micro_batch_size=max(s[0] for s in shapes),
             forward_only=forward_only,
             **groups,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch.distributed as dist
@@ -64,19 +65,29 @@ class RunSetup:
     val_data: Optional[PromptDataset]
     sampling: SamplingParams
     sequence_multiple: int
-    """Transformer Engine's FP8 GEMMs need token counts that are multiples of 16 (``pad_sequence_length``)."""
+    """What every micro-batch's sequence length is a multiple of (:func:`sequence_multiple`)."""
     calibration: Optional[Tuple[List[MicroBatch], List[MicroBatch]]]
     """``teacher.quantize``: this rank's calibration and held-out prompt micro-batches."""
     metrics: Optional[MetricsWriter]
+
+
+def sequence_multiple(*, fp8: bool, context_parallel: int) -> int:
+    """Transformer Engine's FP8 GEMMs need token counts that are multiples of 16 (``pad_sequence_length``);
+    context parallelism cuts each sequence into 2 CP equal chunks, and with FP8 each rank's T / CP tokens
+    must still be a multiple of 16."""
+    base = 16 if fp8 else 1
+    return base if context_parallel == 1 else math.lcm(base * context_parallel, 2 * context_parallel)
 
 
 def prepare_run(cfg: RunConfig, groups: ProcessGroups, *, resume: bool) -> RunSetup:
     """Collective: every check before compute, in order, and what they open."""
     tc = cfg.trainer
     policy_loss, reward_fn = agree("checking the config", lambda: _check_layout_and_names(cfg, groups))
-    checkpoints = CheckpointManager(tc.checkpoint_dir, layout={"tp": groups.tp_size, "pp": groups.pp_size,
-                                                               "dp": groups.dp_size},
-                                    ranks={"tp": groups.tp_rank, "pp": groups.pp_rank, "dp": groups.dp_rank})
+    checkpoints = CheckpointManager(tc.checkpoint_dir,
+                                    layout={"tp": groups.tp_size, "pp": groups.pp_size, "dp": groups.dp_size,
+                                            "cp": groups.cp_size},
+                                    ranks={"tp": groups.tp_rank, "pp": groups.pp_rank, "dp": groups.dp_rank,
+                                           "cp": groups.cp_rank})
     claim = claim_run(tc, checkpoints, resume=resume)
     agree("checking the run's directories", lambda: (probe_writable(tc.output_dir, "trainer.output_dir"),
                                                      probe_writable(tc.checkpoint_dir, "trainer.save_dir")))
@@ -90,7 +101,8 @@ def prepare_run(cfg: RunConfig, groups: ProcessGroups, *, resume: bool) -> RunSe
         agree("checking that the teacher sees the student's image layout",
               lambda: _check_teacher_layout(cfg, processor, train_data))
     sampling = sampling_params(cfg.rollout, tokenizer)
-    multiple = 16 if (cfg.precision.fp8 or cfg.teacher.precision.fp8) else 1
+    multiple = sequence_multiple(fp8=bool(cfg.precision.fp8 or cfg.teacher.precision.fp8),
+                                 context_parallel=cfg.parallel.context_parallel_size)
     calibration = agree("choosing the teacher's calibration prompts (teacher.calibration_prompts)",
                         lambda: _calibration(cfg, groups, train_data, sampling.pad_token_id, multiple)) \
         if cfg.teacher.quantize else None

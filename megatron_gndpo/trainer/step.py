@@ -59,7 +59,7 @@ def train_step(t: Trainer, step: int) -> Dict[str, float]:
                              vocab_size=run.vocab_size, seed=cfg.seed * 1_000_003 + step - 1,
                              max_sequence_length=cfg.model.max_position_embeddings, **sampler_images(prompts.images))
             batch = training_batch(rollout, step=step, multiple=run.sequence_multiple,
-                                   pad_token_id=run.sampling.pad_token_id, group=g.dp_cp)
+                                   pad_token_id=run.sampling.pad_token_id, group=g.dp)
             tc = cfg.trainer  # fixed row counts, or a token budget (padded or packed); rows named by row_ids
             microbatches = form_microbatches(batch, mini_batches=tc.mini_batches, micro_batch_size=tc.micro_batch_size,
                                              max_tokens=tc.max_tokens_per_microbatch, pack=tc.pack_sequences,
@@ -79,7 +79,7 @@ def train_step(t: Trainer, step: int) -> Dict[str, float]:
         with timer("advantages"):
             metrics: Dict[str, float] = {}
             if g.is_last_stage:
-                advantages, metrics = _advantages(cfg.algorithm, scores, batch["mask"], rewards, prompts, g.dp_cp)
+                advantages, metrics = _advantages(cfg.algorithm, scores, batch["mask"], rewards, prompts, g.dp)
                 attach(microbatches, old_logprobs=scores["old_logprobs"], advantages=advantages)
         with timer("train"):  # one optimizer step per mini-batch
             updates = [t.student.update(minibatch, t.loss.for_minibatch(minibatch))
@@ -87,16 +87,16 @@ def train_step(t: Trainer, step: int) -> Dict[str, float]:
             metrics.update(_mean(updates))
             metrics["actor/skipped_steps"] = float(t.student.skipped_steps)
         with timer("metrics"):
-            metrics.update(rollout_metrics(rollout, rewards, g.dp_cp))
+            metrics.update(rollout_metrics(rollout, rewards, g.dp))
             metrics.update(memory_metrics(g.device))
             if g.is_last_stage:
                 n = rollout.tokens.shape[1] - 1  # the batch before its FP8 padding
-                metrics.update(advantage_metrics(advantages, batch["mask"], g.dp_cp))
+                metrics.update(advantage_metrics(advantages, batch["mask"], g.dp))
                 metrics.update(logprob_diff_metrics(rollout.logprobs[:, 1:], scores["old_logprobs"][:, :n],
-                                                    batch["mask"][:, :n], g.dp_cp))
-                if cfg.trainer.dump_rollouts and g.tp_rank == 0:
+                                                    batch["mask"][:, :n], g.dp))
+                if cfg.trainer.dump_rollouts and g.writes_rows:
                     dump_rollout(dump_path(cfg.trainer.output_dir, ROLLOUTS, step), run.tokenizer, prompts, rollout,
-                                 rewards, scores["teacher_logprobs"], scores["old_logprobs"], batch["mask"], g.dp_cp)
+                                 rewards, scores["teacher_logprobs"], scores["old_logprobs"], batch["mask"], g.dp)
     metrics.update(timer.metrics())
     metrics["perf/tokens_per_s"] = metrics["perf/tokens"] / timer.seconds["step"]
     return metrics

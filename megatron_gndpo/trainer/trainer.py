@@ -42,7 +42,7 @@ class Trainer:
         comparison = TeacherComparison(self.teacher, self.student.readout, cfg.algorithm.divergence.top_k)
         # what the student's scoring phase reads off its logits besides its log-probs
         self.scoring_extras = (comparison.token_kl,) if cfg.algorithm.estimator == "vopd" else ()
-        self.loss = UpdateLoss(cfg.algorithm, self.run.policy_loss, self.student.readout, g.dp_cp, comparison)
+        self.loss = UpdateLoss(cfg.algorithm, self.run.policy_loss, self.student.readout, g.dp, comparison)
         self.order = PromptOrder(len(self.run.train_data), seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.prompts = PromptSchedule(self.run.train_data, self.order, prompts_per_step=cfg.trainer.prompts_per_step,
                                       n_samples=cfg.rollout.n_samples, mini_batches=cfg.trainer.mini_batches,

@@ -71,10 +71,11 @@ def workdir(tmp_path_factory):
     return tmp
 
 
-def _config(tmp, name, tp, pp, extra=()):
+def _config(tmp, name, tp, pp, extra=(), cp=1):
     return run_config(Path(tmp), CONFIGS[name] + [f"parallel.tensor_model_parallel_size={tp}",
                                                   f"parallel.pipeline_model_parallel_size={pp}",
-                                                  f"trainer.output_dir={tmp}/{name}_{tp}{pp}",
+                                                  f"parallel.context_parallel_size={cp}",
+                                                  f"trainer.output_dir={tmp}/{name}_{tp}{pp}{cp}",
                                                   "data.reward=test_parity", *extra],
                       student_checkpoint=f"{tmp}/student", teacher={"checkpoint": f"{tmp}/teacher"})
 
@@ -87,13 +88,13 @@ def _trainer(cfg):
     return Trainer(cfg)
 
 
-def _train(groups, tmp, names, tp, pp):
+def _train(groups, tmp, names, tp, pp, cp=1):
     """Two steps of each config: the logging rank's metrics and the global weights."""
     from megatron_gndpo.models.weights import gather_global_weights
 
     out = {}
     for name in names:
-        trainer = _trainer(_config(tmp, name, tp, pp))
+        trainer = _trainer(_config(tmp, name, tp, pp, cp=cp))
         metrics = [trainer.train_step() for _ in range(2)]
         out[name] = {"metrics": metrics if trainer.is_logging_rank else None,
                      "weights": gather_global_weights(trainer.student.module)}
@@ -107,13 +108,13 @@ def single_process(workdir):
 
 
 @pytest.mark.parametrize("group", ["estimators", "divergences"])
-@pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)])
-def test_every_algorithm_trains_alike_at_every_layout(workdir, single_process, tp, pp, dp, group):
+@pytest.mark.parametrize("tp,pp,dp,cp", [(2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 1), (1, 1, 1, 2)])
+def test_every_algorithm_trains_alike_at_every_layout(workdir, single_process, tp, pp, dp, cp, group):
     """Losses and statistics to rel 1e-4, weights to 1e-4 = a tenth of one Adam step of lr 1e-3 (float32:
     Adam divides each gradient by its own magnitude, so an element whose gradient is rounding noise can
     move by ~2e-5 between layouts; a wrong term moves whole tensors by ~lr)."""
     names = [n for n in (ESTIMATORS if group == "estimators" else DIVERGENCES) if pp == 1 or n not in NEEDS_ONE_STAGE]
-    out = run_distributed(_train, tp * pp * dp, tp=tp, pp=pp, args=(str(workdir), names, tp, pp))
+    out = run_distributed(_train, tp * pp * dp * cp, tp=tp, pp=pp, args=(str(workdir), names, tp, pp, cp))
     for name in names:
         ref = single_process[name]
         got = next(o[name]["metrics"] for o in out if o[name]["metrics"] is not None)

@@ -1,5 +1,5 @@
 """Continuous batching (rollout/continuous.py): the same rollout as the static sampler for the same seed
-at TP x PP = (1,1), (2,1), (1,2), and a deterministic slot scheduler.
+at TP x PP x CP = (1,1,1), (2,1,1), (1,2,1), (1,1,2), and a deterministic slot scheduler.
 
 The models run in float64: a row's logits in another batch composition (other batch sizes, a prompt
 prefilled at once instead of forced token by token) differ from the static sampler's in the last bits,
@@ -36,14 +36,14 @@ def _both_samplers(groups):
     params = SamplingParams(temperature=0.9, max_new_tokens=24, eos_token_ids=EOS)
     rows = torch.arange(len(PROMPTS)) + 10
     out = {}
-    for tp, pp in ((1, 1), (2, 1), (1, 2)):
-        groups = relayout(tp, pp)
-        model = build_gpt_model(cfg, common.parallel(tp, pp), common.FP32, pre_process=groups.is_first_stage,
+    for tp, pp, cp in ((1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)):
+        groups = relayout(tp, pp, cp=cp)
+        model = build_gpt_model(cfg, common.parallel(tp, pp, cp), common.FP32, pre_process=groups.is_first_stage,
                                 post_process=groups.is_last_stage).to(torch.float64)
         model.config.params_dtype = torch.float64  # the pipeline's hidden-state messages
         kw = dict(groups=groups, vocab_size=128, seed=7, max_sequence_length=32)
         static = generate(model, PROMPTS, rows, params, **kw)
-        out[(tp, pp)] = [static] + [generate_continuous(model, PROMPTS, rows, params, decode_slots=slots, **kw)
+        out[(tp, pp, cp)] = [static] + [generate_continuous(model, PROMPTS, rows, params, decode_slots=slots, **kw)
                                     for slots in (3, None)]
     # transformer_impl='auto' passes the config check; the engine refuses other core attention before compute
     megatron_attention = dataclasses.replace(common.FP32, local_attention="megatron")
@@ -90,6 +90,9 @@ def test_continuous_batching_equals_static_sampler_at_every_layout(tmp_path):
         # the step samples through rollout.continuous_batching: the same responses, so the same step
         for key in ("response/length_mean", "response/length_min", "reward", "actor/policy_loss", "score/mean"):
             assert steps[True][key] == steps[False][key], (rank, key)
+        # context parallelism is off while decoding (each CP rank samples its replica's rows): the same rollout
+        # as the same weights without CP (other TP sizes pad the vocabulary otherwise, hence other random weights)
+        assert torch.equal(samplers[(1, 1, 2)][0].tokens, samplers[(1, 1, 1)][0].tokens), rank
         for layout, (static, *continuous) in samplers.items():
             lengths = static.response_lengths.tolist()
             assert min(lengths) <= 12 and max(lengths) == 24, lengths  # EOS stops some rows early, not all

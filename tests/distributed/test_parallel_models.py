@@ -8,7 +8,7 @@ from megatron_gndpo.models.provider import build_gpt_model
 from megatron_gndpo.models.student import build_optimizer, build_student, unwrap
 from megatron_gndpo.models.teacher import build_teacher
 from megatron_gndpo.models.weights import gather_global_weights, load_global_weights
-from megatron_gndpo.trainer.megatron_glue import run_schedule
+from megatron_gndpo.trainer.megatron_glue import TokenLoss, run_schedule
 from tests import common
 from tests.harness import relayout, run_distributed
 
@@ -50,11 +50,11 @@ GLOBAL_BATCH, SEQ, MICRO = 8, 12, 2
 def _ce_loss(global_tokens):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    def loss_fn(logits_shard, batch):
-        ce = vocab_parallel_cross_entropy(logits_shard.float(), batch["labels"])  # [b, T]
-        return ce.sum() / global_tokens, {"ce_sum": ce.detach().sum()}
+    def read(logits_shard, batch):
+        return {"ce": vocab_parallel_cross_entropy(logits_shard.float(), batch["labels"])}  # [b, T]
 
-    return loss_fn
+    return TokenLoss(read, lambda tokens, batch: (tokens["ce"].sum() / global_tokens,
+                                                   {"ce_sum": tokens["ce"].detach().sum()}))
 
 
 def _grads_per_layout(groups):
@@ -77,7 +77,7 @@ def _grads_per_layout(groups):
             mb["labels"] = mine[i:i + MICRO, 1:]
             mbs.append(mb)
         model.zero_grad_buffer()
-        metrics = run_schedule(model, mbs, loss_fn=_ce_loss(GLOBAL_BATCH * SEQ), forward_only=False)
+        metrics = run_schedule(model, mbs, loss=_ce_loss(GLOBAL_BATCH * SEQ), forward_only=False)
         loss = torch.stack([m["ce_sum"] for m in metrics]).sum() if metrics else torch.zeros(())
         if groups.is_last_stage:
             dist.all_reduce(loss, group=groups.dp)
@@ -118,7 +118,7 @@ def _teacher_after_student_step(groups):
     scores = run_schedule(teacher, [mb], collect_fn=lambda logits, b: {"max": logits.max().detach()}, forward_only=True)
     student.zero_grad_buffer()
     optimizer.zero_grad()
-    run_schedule(student, [mb], loss_fn=_ce_loss(toks[:, 1:].numel()), forward_only=False)
+    run_schedule(student, [mb], loss=_ce_loss(toks[:, 1:].numel()), forward_only=False)
     updated, grad_norm, _ = optimizer.step()
     optimizer_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
     return {

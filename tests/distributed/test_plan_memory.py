@@ -22,7 +22,7 @@ def _measure(groups, arch_fields):
 
     from megatron_gndpo.models.student import build_optimizer, build_student
     from megatron_gndpo.ops.vocab_parallel import vocab_parallel_logprobs
-    from megatron_gndpo.trainer.megatron_glue import run_schedule
+    from megatron_gndpo.trainer.megatron_glue import TokenLoss, run_schedule
 
     arch = ModelConfig(**arch_fields)
     par = ParallelConfig(tensor_model_parallel_size=groups.tp_size, pipeline_model_parallel_size=groups.pp_size)
@@ -30,9 +30,9 @@ def _measure(groups, arch_fields):
     mb = {"tokens": toks[:, :-1], "position_ids": torch.arange(SEQ).expand(MICRO, SEQ).contiguous(),
           "labels": toks[:, 1:]}
 
-    def loss_fn(logits_shard, batch):
-        lp = vocab_parallel_logprobs(logits_shard, batch["labels"], group=groups.tp, vocab_size=arch.vocab_size)
-        return -lp.sum() / lp.numel(), {}
+    loss = TokenLoss(lambda logits_shard, batch: {"lp": vocab_parallel_logprobs(
+        logits_shard, batch["labels"], group=groups.tp, vocab_size=arch.vocab_size)},
+        lambda tokens, batch: (-tokens["lp"].sum() / tokens["lp"].numel(), {}))
 
     with TensorBytes() as states:
         model = build_student(arch, par, FP32, pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
@@ -42,7 +42,7 @@ def _measure(groups, arch_fields):
         optimizer.zero_grad()
         before = states.live
         states.peak = before
-        run_schedule(model, [mb], loss_fn=loss_fn, forward_only=False)
+        run_schedule(model, [mb], loss=loss, forward_only=False)
         pass_peak = states.peak - before
         optimizer.step()
         gc.collect()

@@ -80,8 +80,9 @@ def test_two_steps_match_single_process(workdir, tp, pp, dp):
     assert ref["metrics"][1]["actor/grad_norm"] > 0
 
 
-def _resume_run(groups, tmp, mode):
-    cfg = _config(tmp, [f"trainer.output_dir={tmp}/resume_{mode}", "trainer.steps=4"])
+def _resume_run(groups, tmp, mode, cp=1):
+    cfg = _config(tmp, [f"trainer.output_dir={tmp}/resume_{mode}_cp{cp}", "trainer.steps=4",
+                        f"parallel.context_parallel_size={cp}"])
     if mode == "straight":
         trainer = _trainer(groups, cfg)
         trainer.train()
@@ -97,9 +98,11 @@ def _resume_run(groups, tmp, mode):
     return _weights(trainer)
 
 
-def test_resume_is_exact(workdir):
-    straight = run_distributed(_resume_run, 1, args=(str(workdir), "straight"))[0]
-    resumed = run_distributed(_resume_run, 1, args=(str(workdir), "resumed"))[0]
+@pytest.mark.parametrize("cp", [1, 2])
+def test_resume_is_exact(workdir, cp):
+    """Also with context parallelism: its ranks hold copies of the RNG state, written once."""
+    straight = run_distributed(_resume_run, cp, args=(str(workdir), "straight", cp))[0]
+    resumed = run_distributed(_resume_run, cp, args=(str(workdir), "resumed", cp))[0]
     for key, w in straight.items():
         assert torch.equal(resumed[key], w), key
 

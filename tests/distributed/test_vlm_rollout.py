@@ -86,7 +86,7 @@ def _rollout_score_train(groups, family):
     from megatron_gndpo.rollout.generator import SamplingParams, generate
     from megatron_gndpo.trainer.batches import sequences_from_rollout, split_rows
     from megatron_gndpo.trainer.images import attach_images
-    from megatron_gndpo.trainer.megatron_glue import forward_outputs, run_schedule
+    from megatron_gndpo.trainer.megatron_glue import TokenLoss, forward_outputs, run_schedule
 
     hf = _sharp_hf_model(family)
     prompts, images = _prompts(family)
@@ -120,11 +120,10 @@ def _rollout_score_train(groups, family):
         ddp.zero_grad_buffer()
         n_tokens = sum(int(mb["mask"].sum()) for mb in microbatches)
 
-        def loss_fn(lg, mb):
-            logp = vocab_parallel_logprobs(lg, mb["labels"], group=groups.tp, vocab_size=VOCAB)
-            return -(logp * mb["mask"]).sum() / n_tokens, {}
-
-        run_schedule(ddp, microbatches, loss_fn=loss_fn, forward_only=False)
+        loss = TokenLoss(lambda lg, mb: {"logp": vocab_parallel_logprobs(lg, mb["labels"], group=groups.tp,
+                                                                         vocab_size=VOCAB)},
+                         lambda tokens, mb: (-(tokens["logp"] * mb["mask"]).sum() / n_tokens, {}))
+        run_schedule(ddp, microbatches, loss=loss, forward_only=False)
         if model.vision is not None:  # what trains of the vision side: the projector (Qwen2.5-VL's patch merger)
             res["projector_grad"] = {n: p.main_grad / groups.dp_size
                                      for n, p in model.vision.named_parameters() if p.requires_grad}

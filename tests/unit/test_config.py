@@ -69,6 +69,29 @@ def test_teacher_layout_defaults_to_the_students_and_refuses_what_it_cannot_do()
         load_config(None, extra)  # accepted on the student's layout
 
 
+def test_context_parallel_refuses_what_it_cannot_do_by_name():
+    """parallel.context_parallel_size: >= 1; with CP > 1 what would need the sequence other than as whole rows
+    in megatron's chunks is refused, naming the key, and accepted at CP 1."""
+    from megatron_gndpo.trainer.setup import sequence_multiple
+
+    assert load_config(None, ["parallel.context_parallel_size=2"]).parallel.context_parallel_size == 2
+    with pytest.raises(ValueError, match=r"parallel.context_parallel_size must be >= 1, got 0"):
+        load_config(None, ["parallel.context_parallel_size=0"])
+    cp2 = "parallel.context_parallel_size=2"
+    for extra, what in ((["precision.local_attention=megatron"], "precision.local_attention='megatron'"),
+                        (["teacher.precision.local_attention=megatron"], "teacher.precision.local_attention"),
+                        (["trainer.pack_sequences=true"], "trainer.pack_sequences"),
+                        (["data.images=process"], "data.images=process"),
+                        (["teacher.parallel.tensor_model_parallel_size=2"], "teacher.parallel"),
+                        (["teacher.quantize=fp8"], "teacher.quantize")):
+        with pytest.raises(ValueError, match=f"parallel.context_parallel_size=2 .*{what}"):
+            load_config(None, [cp2, *extra])
+        load_config(None, extra)  # accepted without CP
+    # every micro-batch splits into 2 CP equal chunks, each a multiple of 16 tokens per rank under FP8
+    assert [sequence_multiple(fp8=False, context_parallel=cp) for cp in (1, 2, 4)] == [1, 4, 8]
+    assert [sequence_multiple(fp8=True, context_parallel=cp) for cp in (1, 2, 4)] == [16, 32, 64]
+
+
 def test_architectures_come_from_the_checkpoints(tmp_path):
     """A config names checkpoints; model / teacher.model default to what they were saved with, and
     a field the config states (the run's max_position_embeddings) wins."""

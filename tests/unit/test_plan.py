@@ -115,6 +115,10 @@ def test_the_teacher_on_its_own_layout_is_planned_on_it():
         student, teacher, student_layout, Workload(**base, teacher_pp=8), GPUS["h100"]))
     cfg = load_config(None, ["teacher.parallel.tensor_model_parallel_size=2"])
     assert (workload_from_config(cfg).teacher_tp, workload_from_config(cfg).teacher_pp) == (2, 1)
+    assert layout_problems(student, teacher, Layout(tp=1, pp=1, cp=2, dp=4), same, GPUS["h100"]) == []
+    assert layout_problems(student, teacher, Layout(tp=1, pp=1, cp=2, dp=4), Workload(**base, teacher_tp=2),
+                           GPUS["h100"]) == [
+        "context parallelism with the teacher on its own layout (teacher.parallel) is not built"]
     assert workload_from_config(load_config(None, [])).teacher_tp is None
 
 
@@ -168,6 +172,10 @@ def test_command_line_on_hugging_face_configs(tmp_path, capsys):
     assert cli.main(argv + ["--tp", "2", "--pp", "1"]) == 0
     text = capsys.readouterr().out
     assert "#1 TP2 PP1 CP1 DP2" in text and "student: " in text and "rejected" not in text
+    # context parallelism is planned (activations shared by CP ranks), beside a teacher of its own layout refused
+    assert cli.main(argv + ["--tp", "1", "--pp", "1", "--cp", "2", "--json"]) == 0
+    (cp2,) = json.loads(capsys.readouterr().out)["layouts"]
+    assert cp2["layout"] == {**cp2["layout"], "tp": 1, "pp": 1, "cp": 2, "dp": 2} and not cp2["rejected"]
     # a layout that does not fit is named with what does not fit; none fits: exit status 1
     assert cli.main(argv + ["--max-response", "2000000", "--tp", "1", "--pp", "1"]) == 1
     assert "out of memory: the " in capsys.readouterr().out

@@ -185,7 +185,7 @@ def test_unsupported_settings_are_refused_by_name(megatron_groups):
     from megatron_gndpo.models.attention import SDPAttention
 
     for overrides, match in (
-        ({"context_parallel_size": 2}, "context parallelism"),
+        ({"context_parallel_size": 2}, "context_parallel_size=2 was given a context-parallel group of 1 ranks"),
         ({"window_size": (4, 0)}, "sliding-window"),
         ({"softmax_type": "learnable"}, "softmax_type='learnable'"),
     ):
