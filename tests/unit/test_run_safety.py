@@ -256,8 +256,12 @@ def test_parameter_counts_of_known_models():
     assert count["total"] == 1_720_574_976
     cfg = load_config(REPO / "examples" / "configs" / "geo3k_gndpo.yaml")
     text = describe_run(cfg, world_size=8)
-    assert "# layout: world 8 = TP 2 x PP 1 x DP 4" in text and "# student: 1.721 B parameters" in text
+    assert "# layout: world 8 = TP 2 x PP 1 x CP 1 x DP 4" in text and "# student: 1.721 B parameters" in text
     assert "# memory per rank, roughly:" in text and "teacher.offload" in text
+    # context parallelism takes its share of the world and of each sequence's activations
+    cp2 = load_config(REPO / "examples" / "configs" / "geo3k_gndpo.yaml", ["parallel.context_parallel_size=2"])
+    assert "# layout: world 8 = TP 2 x PP 1 x CP 2 x DP 2" in describe_run(cp2, world_size=8)
+    assert "this run would not start" in describe_run(cp2, world_size=6)
 
 
 def test_print_config_shows_the_teachers_own_layout():
