@@ -107,8 +107,9 @@ def single_process(workdir):
     return run_distributed(_train, 1, args=(str(workdir), list(CONFIGS), 1, 1))[0]
 
 
-@pytest.mark.parametrize("group", ["estimators", "divergences"])
-@pytest.mark.parametrize("tp,pp,dp,cp", [(2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 1), (1, 1, 1, 2)])
+@pytest.mark.parametrize("group,tp,pp,dp,cp", [(group, *layout) for group in ("estimators", "divergences")
+                                                for layout in ((2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 1), (1, 1, 1, 2))]
+                         + [("estimators", 1, 2, 1, 2)])  # context parallelism on a pipeline: 4 ranks
 def test_every_algorithm_trains_alike_at_every_layout(workdir, single_process, tp, pp, dp, cp, group):
     """Losses and statistics to rel 1e-4, weights to 1e-4 = a tenth of one Adam step of lr 1e-3 (float32:
     Adam divides each gradient by its own magnitude, so an element whose gradient is rounding noise can
