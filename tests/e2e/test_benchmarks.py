@@ -15,6 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {
+    "context_parallel": "--rows 1 --seq 32 --hidden 32 --layers 2 --heads 4 --kv-heads 2 --vocab 256 --repeats 1",
     "continuous_batching": "--rows 4 --slots 2 --min-len 4 --max-len 16 --hidden 32 --vocab 256",
     "step_efficiency": "--rows 4 --prompt 4 --min-len 4 --max-len 32 --hidden 32 --vocab 256 --memory-vocab 1024 "
                        "--memory-seq 32 --repeats 1",
