@@ -63,7 +63,7 @@ def main(argv=None):
     from megatron_gndpo.rewards import get_reward
     from megatron_gndpo.rollout.generator import SamplingParams
     from megatron_gndpo.trainer.evaluation import greedy_eval
-    from megatron_gndpo.trainer.megatron_glue import run_schedule
+    from megatron_gndpo.trainer.megatron_glue import TokenLoss, run_schedule
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
@@ -102,14 +102,16 @@ def main(argv=None):
         batch = _batch(train, tokenizer, indices[groups.dp_rank * per_rank:(groups.dp_rank + 1) * per_rank], eos, pad)
         n_tokens = float(batch["mask"].sum()) * groups.dp_size  # every row has the same answer-length range
 
-        def loss_fn(logits, mb):
-            lp = vocab_parallel_logprobs(logits, mb["labels"], group=groups.tp, vocab_size=arch.vocab_size)
-            loss = -(lp * mb["mask"]).sum() / n_tokens
+        def reduce(tokens, mb):
+            loss = -(tokens["lp"] * mb["mask"]).sum() / n_tokens
             return loss, {"loss": loss.detach()}
+
+        loss = TokenLoss(lambda logits, mb: {"lp": vocab_parallel_logprobs(logits, mb["labels"], group=groups.tp,
+                                                                           vocab_size=arch.vocab_size)}, reduce)
 
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        out = run_schedule(model, [batch], loss_fn=loss_fn, forward_only=False)
+        out = run_schedule(model, [batch], loss=loss, forward_only=False)
         optimizer.step()
         scheduler.step(1)
         if out and step % 100 == 0 and is_rank0(groups.dp):

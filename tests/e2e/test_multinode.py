@@ -36,7 +36,7 @@ def test_two_nodes_equal_one_node_with_two_processes(tmp_path):
             finish(proc, tmp_path / f"{name}.log", timeout_s=240)
 
     final = f"checkpoints/step_{STEPS:08d}"
-    assert json.loads((two / final / "gndpo_meta.json").read_text())["layout"] == {"tp": 1, "pp": 1, "dp": 2}
+    assert json.loads((two / final / "gndpo_meta.json").read_text())["layout"] == {"tp": 1, "pp": 1, "dp": 2, "cp": 1}
     rows = metric_rows(two)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert all(r["actor/grad_norm"] > 0 for r in rows)
