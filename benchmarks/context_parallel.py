@@ -41,6 +41,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.step_efficiency import versions  # noqa: E402
 from benchmarks.tensor_memory import TensorBytes  # noqa: E402
 from megatron_gndpo.config.schema import ModelConfig, ParallelConfig, PrecisionConfig  # noqa: E402
 
@@ -69,10 +70,9 @@ def measure(cp: int, args, weights):
     from megatron_gndpo.trainer.megatron_glue import LogitsReadout, run_schedule
 
     destroy_parallel(destroy_process_group=False)
-    groups = init_parallel(ParallelConfig(context_parallel_size=cp), seed=args.seed)
-    cfg = model_config(args)
-    model = build_student(cfg, ParallelConfig(context_parallel_size=cp), PRECISION, pre_process=True,
-                          post_process=True)
+    parallel = ParallelConfig(context_parallel_size=cp)
+    groups = init_parallel(parallel, seed=args.seed)
+    model = build_student(model_config(args), parallel, PRECISION, pre_process=True, post_process=True)
     if weights is None:
         weights = gather_global_weights(unwrap(model))
     else:
@@ -117,12 +117,6 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
     finally:
         destroy_parallel()
     queue.put((rank, rows))
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    return {"torch": torch.__version__, "megatron-core": md.version("megatron-core")}
 
 
 def main() -> None:

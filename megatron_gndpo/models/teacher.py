@@ -208,7 +208,7 @@ class TeacherOnOwnLayout:
         scored = self.teacher.score(self.form({
             "tokens": share[:, 0].long(), "labels": share[:, 1].long(), "mask": share[:, 2].bool(),
             "position_ids": torch.arange(width, device=rows.device).expand(hi - lo, width).contiguous()}))
-        writes = t.is_last_stage and t.tp_rank == 0
+        writes = t.writes_rows
         out = {}
         for key, (tail, dtype) in self.teacher.output_shapes().items():
             full = torch.zeros((n, width, *tail), dtype=dtype, device=t.device)
